@@ -1,0 +1,1 @@
+"""Fed-FSTQ: Fisher-guided token selection and mixed-precision quantisation of LoRA updates."""

@@ -1,0 +1,90 @@
+"""Dependencies point one way (docs/architecture.md); these rules are checked on the source."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("fstq", "broker", "workload", "edge_agent", "aggregator", "fedfstq")
+
+# package -> top-level modules it must never import
+FORBIDDEN: dict[str, set[str]] = {
+    "fstq": {"paho", "msgpack", "broker", "workload", "edge_agent", "aggregator", "fedfstq"},
+    "broker": {
+        "torch",
+        "transformers",
+        "peft",
+        "fstq",
+        "workload",
+        "edge_agent",
+        "aggregator",
+        "fedfstq",
+    },
+    "workload": {"paho", "msgpack", "broker", "edge_agent", "aggregator", "fedfstq"},
+    "edge_agent": {"aggregator", "fedfstq"},
+    "aggregator": {"edge_agent", "fedfstq"},
+    "fedfstq": set(),
+}
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def _sources(package: str) -> list[Path]:
+    return sorted((ROOT / package).rglob("*.py"))
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_package_imports_point_one_way(package: str) -> None:
+    bad = {
+        str(path.relative_to(ROOT)): sorted(_imports(path) & FORBIDDEN[package])
+        for path in _sources(package)
+    }
+    assert {k: v for k, v in bad.items() if v} == {}
+
+
+def test_only_one_module_imports_paho() -> None:
+    users = [
+        str(path.relative_to(ROOT))
+        for package in PACKAGES
+        for path in _sources(package)
+        if "paho" in _imports(path)
+    ]
+    assert users == ["broker/mqtt.py"] or users == [], users
+
+
+def test_nothing_imports_pickle() -> None:
+    users = [
+        str(path.relative_to(ROOT))
+        for package in PACKAGES
+        for path in _sources(package)
+        if _imports(path) & {"pickle", "cPickle", "dill", "cloudpickle"}
+    ]
+    assert users == []
+
+
+def test_fstq_imports_with_mqtt_and_msgpack_blocked() -> None:
+    # Runtime check on top of the static one: transitive imports count too.
+    code = (
+        "import sys\n"
+        "for m in ('paho', 'paho.mqtt', 'msgpack', 'broker', 'edge_agent', 'aggregator'):\n"
+        "    sys.modules[m] = None\n"
+        "import fstq, fstq.compressors, fstq.training, fstq.inference\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]

