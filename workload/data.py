@@ -164,12 +164,13 @@ def dirichlet_partition(
     alpha: float,
     rng: np.random.Generator,
     min_size: int = 1,
-    max_tries: int = 100,
+    max_tries: int = 20,
 ) -> list[list[int]]:
     """Split example indices over clients with per-label Dirichlet(alpha) proportions.
 
     Small alpha gives clients dominated by one or two labels. Redraws until every client has at
-    least `min_size` examples (as is customary), up to `max_tries`.
+    least `min_size` examples (as is customary); after `max_tries` draws the last one is topped up
+    by moving random examples from the largest clients, so the call always succeeds.
     """
     if n_clients < 1 or alpha <= 0:
         raise DataError(f"need n_clients >= 1 and alpha > 0, got {n_clients}, {alpha}")
@@ -177,8 +178,9 @@ def dirichlet_partition(
         raise DataError(f"{len(labels)} examples cannot give {n_clients} clients {min_size} each")
     names = sorted(set(labels))
     label_arr = np.array([names.index(x) for x in labels])
-    for _ in range(max_tries):
-        parts: list[list[int]] = [[] for _ in range(n_clients)]
+    parts: list[list[int]] = []
+    for _ in range(max(1, max_tries)):
+        parts = [[] for _ in range(n_clients)]
         for k in range(len(names)):
             idx = rng.permutation(np.flatnonzero(label_arr == k))
             props = rng.dirichlet(np.full(n_clients, alpha))
@@ -187,4 +189,9 @@ def dirichlet_partition(
                 parts[c].extend(int(i) for i in chunk)
         if min(len(p) for p in parts) >= min_size:
             return [sorted(p) for p in parts]
-    raise DataError(f"no Dirichlet draw gave every client {min_size} examples in {max_tries} tries")
+    for small in range(n_clients):
+        while len(parts[small]) < min_size:
+            donor = max(range(n_clients), key=lambda c: len(parts[c]))
+            moved = parts[donor].pop(int(rng.integers(len(parts[donor]))))
+            parts[small].append(moved)
+    return [sorted(p) for p in parts]
