@@ -1,1 +1,85 @@
-"""broker package."""
+"""broker: the MQTT contract shared by the edge agent and the aggregator.
+
+Pure modules (stdlib, msgpack, pydantic only): ``topics``, ``messages``, ``codec``,
+``chunking``, ``inbox``, ``backoff``, ``errors``, ``settings``, ``transport`` (the
+``Transport`` protocol), ``memory`` (an in-process fake broker implementing it). ``broker.mqtt``
+is the project's only paho-mqtt importer and is NOT imported here: ``import broker`` never pulls
+in paho. ``broker.local`` starts a private Mosquitto (tests, simulations).
+"""
+
+from broker.chunking import (
+    Download,
+    Piece,
+    Reassembler,
+    Split,
+    TransferLimits,
+    TransferSpec,
+    chunks_for_fetch,
+    chunks_missing,
+    global_messages,
+    split,
+    upload_messages,
+)
+from broker.codec import decode, encode
+from broker.errors import TransportError, WireError
+from broker.inbox import ChunkResult, CompletedUpload, Inbox, InboxLimits, UploadKey
+from broker.memory import MemoryBroker, MemoryClient
+from broker.messages import (
+    PROTOCOL_VERSION,
+    AckStatus,
+    ClientState,
+    ClientStatus,
+    FetchRequest,
+    GlobalChunk,
+    GlobalManifest,
+    RoundAnnouncement,
+    UploadAck,
+    UploadChunk,
+    UploadManifest,
+    WireMessage,
+)
+from broker.settings import MqttSettings, TlsSettings
+from broker.transport import Message, PublishHandle, Transport, Will
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "AckStatus",
+    "ChunkResult",
+    "ClientState",
+    "ClientStatus",
+    "CompletedUpload",
+    "Download",
+    "FetchRequest",
+    "GlobalChunk",
+    "GlobalManifest",
+    "Inbox",
+    "InboxLimits",
+    "MemoryBroker",
+    "MemoryClient",
+    "Message",
+    "MqttSettings",
+    "Piece",
+    "PublishHandle",
+    "Reassembler",
+    "RoundAnnouncement",
+    "Split",
+    "TlsSettings",
+    "TransferLimits",
+    "TransferSpec",
+    "Transport",
+    "TransportError",
+    "UploadAck",
+    "UploadChunk",
+    "UploadKey",
+    "UploadManifest",
+    "Will",
+    "WireError",
+    "WireMessage",
+    "chunks_for_fetch",
+    "chunks_missing",
+    "decode",
+    "encode",
+    "global_messages",
+    "split",
+    "upload_messages",
+]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -15,3 +16,15 @@ def tokenizer() -> Any:
     from workload.models import load_tokenizer
 
     return load_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def mosquitto() -> Iterator[Any]:
+    """A private Mosquitto (broker/mosquitto/dev.conf) on a free loopback port, stopped by PID.
+
+    Yields a ``broker.local.LocalBroker``: use ``.host`` / ``.port``; mark tests ``broker``.
+    """
+    from broker.local import LocalBroker
+
+    with LocalBroker("dev") as broker:
+        yield broker

@@ -1,0 +1,260 @@
+"""Wire messages: frozen, strict pydantic models, one per envelope ``kind``.
+
+Every model is ``frozen`` (hashable-ish values, no mutation), ``extra="forbid"`` (unknown fields
+are a decode error, not silently ignored) and ``strict`` (no str->int coercion; bytes must be
+msgpack bin, tuples msgpack arrays). Size limits are part of the schema, so a decoded message
+already satisfies them. :mod:`broker.codec` turns them into msgpack and back.
+
+Bitmaps (``UploadAck.have``, ``FetchRequest.wanted``) are little-endian bit sets: chunk ``i``
+is bit ``i % 8`` of byte ``i // 8``; padding bits of the last byte are zero.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, ClassVar, Self
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "MAX_CHUNKS",
+    "MAX_CHUNK_BYTES",
+    "MAX_CLIENTS",
+    "MAX_META_ENTRIES",
+    "MAX_META_STR",
+    "MAX_TRANSFER_BYTES",
+    "PROTOCOL_VERSION",
+    "AckStatus",
+    "ClientState",
+    "ClientStatus",
+    "FetchRequest",
+    "GlobalChunk",
+    "GlobalManifest",
+    "Metadata",
+    "RoundAnnouncement",
+    "Scalar",
+    "UploadAck",
+    "UploadChunk",
+    "UploadManifest",
+    "WireMessage",
+    "bitmap_len",
+    "chunk_count_for",
+]
+
+PROTOCOL_VERSION = 1
+
+#: Largest transfer (upload or global adapter) the protocol can describe.
+MAX_TRANSFER_BYTES = 1 << 30
+#: Largest chunk the protocol can describe; the broker's max_packet_size is the practical cap.
+MAX_CHUNK_BYTES = 8 << 20
+#: Most chunks in one transfer (bitmaps are at most MAX_CHUNKS / 8 = 8 KiB).
+MAX_CHUNKS = 1 << 16
+#: Most clients named in one round announcement.
+MAX_CLIENTS = 4096
+MAX_META_ENTRIES = 64
+MAX_META_STR = 256
+#: Default chunk size: 256 KiB, well under the 1 MiB max_packet_size of broker/mosquitto/*.conf.
+DEFAULT_CHUNK_SIZE = 256 * 1024
+
+
+def bitmap_len(chunk_count: int) -> int:
+    """Bytes of a bitmap covering ``chunk_count`` chunks."""
+    return (chunk_count + 7) // 8
+
+
+def chunk_count_for(total_size: int, chunk_size: int) -> int:
+    """Chunks needed for ``total_size`` bytes; an empty payload is one empty chunk."""
+    return max(1, -(-total_size // chunk_size))
+
+
+Id = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+RoundId = Annotated[int, Field(ge=0, le=2**63 - 1)]
+Version = Annotated[int, Field(ge=0, le=2**63 - 1)]
+Count = Annotated[int, Field(ge=0, le=2**63 - 1)]
+Sha256 = Annotated[bytes, Field(min_length=32, max_length=32)]
+Crc32 = Annotated[int, Field(ge=0, le=0xFFFFFFFF)]
+TotalSize = Annotated[int, Field(ge=0, le=MAX_TRANSFER_BYTES)]
+ChunkCount = Annotated[int, Field(ge=1, le=MAX_CHUNKS)]
+ChunkSize = Annotated[int, Field(ge=1, le=MAX_CHUNK_BYTES)]
+ChunkIndex = Annotated[int, Field(ge=0, lt=MAX_CHUNKS)]
+ChunkData = Annotated[bytes, Field(max_length=MAX_CHUNK_BYTES)]
+Bitmap = Annotated[bytes, Field(max_length=MAX_CHUNKS // 8)]
+UnixTime = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Seconds = Annotated[float, Field(gt=0, le=365 * 86400, allow_inf_nan=False)]
+Reason = Annotated[str, StringConstraints(max_length=MAX_META_STR)]
+MetaKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+Scalar = (
+    Annotated[str, StringConstraints(max_length=MAX_META_STR)]
+    | bool
+    | Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]  # what msgpack can carry
+    | Annotated[float, Field(allow_inf_nan=False)]
+)
+#: Small free-form ``str -> scalar`` map (compressed-update metadata, round parameters, info).
+Metadata = Annotated[dict[MetaKey, Scalar], Field(max_length=MAX_META_ENTRIES)]
+
+
+class AckStatus(StrEnum):
+    RECEIVING = "receiving"
+    COMPLETE = "complete"
+    REJECTED = "rejected"
+    LATE = "late"
+    UNKNOWN = "unknown"
+
+
+class ClientState(StrEnum):
+    ONLINE = "online"
+    IDLE = "idle"
+    TRAINING = "training"
+    UPLOADING = "uploading"
+    DOWNLOADING = "downloading"
+    ERROR = "error"
+    OFFLINE = "offline"
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+    kind: ClassVar[str]
+
+
+def _check_chunking(total_size: int, chunk_count: int, chunk_size: int) -> None:
+    if chunk_count != chunk_count_for(total_size, chunk_size):
+        raise ValueError(
+            f"chunk_count {chunk_count} inconsistent with total_size {total_size} "
+            f"and chunk_size {chunk_size}"
+        )
+
+
+class RoundAnnouncement(_Wire):
+    """A round opens (retained on ``round``). ``selected`` empty means every client may join."""
+
+    kind: ClassVar[str] = "round"
+    fleet: Id
+    round: RoundId
+    global_version: Version
+    global_sha256: Sha256
+    selected: Annotated[tuple[Id, ...], Field(max_length=MAX_CLIENTS)]
+    deadline: UnixTime
+    quorum: Annotated[int, Field(ge=1, le=MAX_CLIENTS)]
+    upload_window_s: Seconds
+    chunk_size: ChunkSize
+    budget_bytes: Annotated[dict[Id, Count], Field(max_length=MAX_CLIENTS)]
+    params: Metadata = {}
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if len(set(self.selected)) != len(self.selected):
+            raise ValueError("selected client ids must be unique")
+        if self.selected and self.quorum > len(self.selected):
+            raise ValueError("quorum larger than the number of selected clients")
+        if self.selected and not set(self.budget_bytes) <= set(self.selected):
+            raise ValueError("budget_bytes names a client that is not selected")
+        return self
+
+
+class UploadManifest(_Wire):
+    """First message of an upload; re-sending it asks the aggregator for a fresh ack."""
+
+    kind: ClassVar[str] = "up.manifest"
+    upload_id: Id
+    round: RoundId
+    client: Id
+    base_version: Version
+    total_size: TotalSize
+    chunk_count: ChunkCount
+    chunk_size: ChunkSize
+    sha256: Sha256
+    sample_count: Count
+    method: Id
+    metadata: Metadata = {}
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        _check_chunking(self.total_size, self.chunk_count, self.chunk_size)
+        return self
+
+
+class UploadChunk(_Wire):
+    kind: ClassVar[str] = "up.chunk"
+    upload_id: Id
+    round: RoundId
+    client: Id
+    index: ChunkIndex
+    crc32: Crc32
+    data: ChunkData
+
+
+class UploadAck(_Wire):
+    """Aggregator -> device. ``have`` is empty or a full bitmap of ``chunk_count`` chunks."""
+
+    kind: ClassVar[str] = "up.ack"
+    upload_id: Id
+    round: RoundId
+    status: AckStatus = Field(strict=False)
+    chunk_count: Annotated[int, Field(ge=0, le=MAX_CHUNKS)]
+    have: Bitmap
+    reason: Reason = ""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.have and len(self.have) != bitmap_len(self.chunk_count):
+            raise ValueError("have bitmap length does not match chunk_count")
+        return self
+
+
+class GlobalManifest(_Wire):
+    """The current global adapter (retained on ``global/manifest``)."""
+
+    kind: ClassVar[str] = "global.manifest"
+    version: Version
+    round: RoundId
+    total_size: TotalSize
+    chunk_count: ChunkCount
+    chunk_size: ChunkSize
+    sha256: Sha256
+    format: Id
+    metadata: Metadata = {}
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        _check_chunking(self.total_size, self.chunk_count, self.chunk_size)
+        return self
+
+
+class FetchRequest(_Wire):
+    """Device -> aggregator: send me these chunks (bitmap) of global adapter ``version``."""
+
+    kind: ClassVar[str] = "fetch"
+    version: Version
+    wanted: Bitmap
+
+
+class GlobalChunk(_Wire):
+    kind: ClassVar[str] = "global.chunk"
+    version: Version
+    index: ChunkIndex
+    crc32: Crc32
+    data: ChunkData
+
+
+class ClientStatus(_Wire):
+    """Heartbeat; the same message with ``state=offline`` is the device's will."""
+
+    kind: ClassVar[str] = "status"
+    client: Id
+    state: ClientState = Field(strict=False)
+    timestamp: UnixTime
+    round: RoundId | None = None
+    info: Metadata = {}
+
+
+WireMessage = (
+    RoundAnnouncement
+    | UploadManifest
+    | UploadChunk
+    | UploadAck
+    | GlobalManifest
+    | FetchRequest
+    | GlobalChunk
+    | ClientStatus
+)

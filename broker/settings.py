@@ -1,0 +1,66 @@
+"""Connection settings for :class:`broker.mqtt.MqttClient`, built by callers (no env reads here).
+
+Services embed :class:`MqttSettings` in their own pydantic-settings classes; this module never
+looks at the environment or files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Self
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints, model_validator
+
+__all__ = ["MqttSettings", "TlsSettings"]
+
+
+class TlsSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    #: CA bundle used to verify the broker; None = system trust store.
+    ca_file: Path | None = None
+    #: Client certificate and key (only if the broker requires certificates).
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    #: Skip host-name verification (test setups only; the chain is still verified).
+    insecure: bool = False
+
+    @model_validator(mode="after")
+    def _pair(self) -> Self:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
+class MqttSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 1883
+    #: Stable client id: a persistent session (clean_start=False) is keyed on it.
+    client_id: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+    username: str | None = None
+    password: SecretStr | None = None
+    tls: TlsSettings | None = None
+    keepalive_s: Annotated[int, Field(ge=5, le=65535)] = 30
+    #: False keeps the broker-side session (subscriptions + queued QoS 1 messages) across
+    #: reconnects and restarts of this process, for ``session_expiry_s`` seconds.
+    clean_start: bool = False
+    session_expiry_s: Annotated[int, Field(ge=0, le=0xFFFFFFFF)] = 3600
+    #: paho's socket connect timeout for one attempt.
+    connect_timeout_s: Annotated[float, Field(gt=0)] = 5.0
+    #: Reconnect delays: full jitter, ceiling doubling from backoff_base_s up to backoff_max_s.
+    backoff_base_s: Annotated[float, Field(gt=0)] = 0.5
+    backoff_max_s: Annotated[float, Field(gt=0)] = 30.0
+    #: Outgoing QoS 1 messages in flight before paho queues locally (broker Receive Maximum).
+    max_inflight: Annotated[int, Field(ge=1, le=65535)] = 20
+    #: Client-side cap on PUBLISH packet size, checked with the broker's advertised maximum.
+    max_packet_size: Annotated[int, Field(ge=1)] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.backoff_base_s > self.backoff_max_s:
+            raise ValueError("backoff_base_s must not exceed backoff_max_s")
+        if self.password is not None and self.username is None:
+            raise ValueError("password without username")
+        return self

@@ -1,0 +1,380 @@
+"""MQTT topic namespace of fedfstq: value objects, one builder and one parser per family.
+
+Layout (``<fleet>`` and ``<client>`` are ids, ``<round>`` a decimal round number)::
+
+    fstq/v1/<fleet>/round                   round announcement          aggregator -> all, retained
+    fstq/v1/<fleet>/up/<client>/<round>     upload manifest + chunks    device -> aggregator
+    fstq/v1/<fleet>/ack/<client>            upload acknowledgements     aggregator -> device
+    fstq/v1/<fleet>/global/manifest         global adapter manifest     aggregator -> all, retained
+    fstq/v1/<fleet>/fetch/<client>          global chunk fetch request  device -> aggregator
+    fstq/v1/<fleet>/down/<client>           global adapter chunks       aggregator -> device
+    fstq/v1/<fleet>/status/<client>         heartbeat / will            device -> aggregator
+
+The client id is always the segment right after the family name, so one Mosquitto ACL
+``pattern`` line per family can pin it to the authenticated user (``%u``) or client id (``%c``),
+e.g. ``pattern write fstq/v1/+/up/%u/+``.
+
+Ids match ``[A-Za-z0-9_.-]{1,64}``: no ``/``, no wildcards, no ``$``, nothing Mosquitto refuses to
+substitute into an ACL pattern.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+from broker.errors import TopicError
+
+__all__ = [
+    "ID_PATTERN",
+    "MAX_ROUND",
+    "PREFIX",
+    "AckTopic",
+    "DownTopic",
+    "FetchTopic",
+    "GlobalManifestTopic",
+    "RoundTopic",
+    "StatusTopic",
+    "Topic",
+    "UploadTopic",
+    "ack_filter",
+    "ack_topic",
+    "aggregator_filters",
+    "device_filters",
+    "down_filter",
+    "down_topic",
+    "fetch_filter",
+    "fetch_topic",
+    "global_manifest_topic",
+    "parse_ack_topic",
+    "parse_down_topic",
+    "parse_fetch_topic",
+    "parse_global_manifest_topic",
+    "parse_round_topic",
+    "parse_status_topic",
+    "parse_topic",
+    "parse_upload_topic",
+    "round_topic",
+    "shared",
+    "status_filter",
+    "status_topic",
+    "topic_matches",
+    "upload_filter",
+    "upload_topic",
+    "validate_id",
+]
+
+PREFIX = "fstq/v1"
+ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_ROUND_PATTERN = re.compile(r"0|[1-9][0-9]{0,18}")
+MAX_ROUND = 2**63 - 1
+
+
+def validate_id(value: str, what: str = "id") -> str:
+    """Return ``value`` if it is a valid fleet/client/upload id, else raise :class:`TopicError`."""
+    if not isinstance(value, str) or ID_PATTERN.fullmatch(value) is None:
+        raise TopicError(f"invalid {what} {value!r}: must match {ID_PATTERN.pattern}")
+    return value
+
+
+def _validate_round(value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_ROUND:
+        raise TopicError(f"invalid round {value!r}: must be an int in [0, 2**63)")
+    return value
+
+
+def _parse_round(segment: str) -> int:
+    if _ROUND_PATTERN.fullmatch(segment) is None:
+        raise TopicError(f"invalid round segment {segment!r}")
+    return _validate_round(int(segment))
+
+
+def _segments(topic: str, family: str, n_after: int) -> list[str]:
+    """Split ``topic``, check prefix and family, and return the ``n_after`` trailing segments."""
+    parts = topic.split("/") if isinstance(topic, str) else []
+    if len(parts) != 4 + n_after or f"{parts[0]}/{parts[1]}" != PREFIX or parts[3] != family:
+        raise TopicError(f"not a {PREFIX}/<fleet>/{family} topic: {topic!r}")
+    validate_id(parts[2], "fleet")
+    return parts[4:]
+
+
+@dataclass(frozen=True, slots=True)
+class RoundTopic:
+    """``fstq/v1/<fleet>/round`` (retained RoundAnnouncement)."""
+
+    family: ClassVar[str] = "round"
+    fleet: str
+
+    def __post_init__(self) -> None:
+        validate_id(self.fleet, "fleet")
+
+    def __str__(self) -> str:
+        return f"{PREFIX}/{self.fleet}/round"
+
+    @classmethod
+    def parse(cls, topic: str) -> RoundTopic:
+        parts = topic.split("/") if isinstance(topic, str) else []
+        if len(parts) != 4 or f"{parts[0]}/{parts[1]}" != PREFIX or parts[3] != "round":
+            raise TopicError(f"not a round topic: {topic!r}")
+        return cls(validate_id(parts[2], "fleet"))
+
+
+@dataclass(frozen=True, slots=True)
+class GlobalManifestTopic:
+    """``fstq/v1/<fleet>/global/manifest`` (retained GlobalManifest)."""
+
+    family: ClassVar[str] = "global"
+    fleet: str
+
+    def __post_init__(self) -> None:
+        validate_id(self.fleet, "fleet")
+
+    def __str__(self) -> str:
+        return f"{PREFIX}/{self.fleet}/global/manifest"
+
+    @classmethod
+    def parse(cls, topic: str) -> GlobalManifestTopic:
+        (leaf,) = _segments(topic, "global", 1)
+        if leaf != "manifest":
+            raise TopicError(f"not a global manifest topic: {topic!r}")
+        return cls(topic.split("/")[2])
+
+
+@dataclass(frozen=True, slots=True)
+class UploadTopic:
+    """``fstq/v1/<fleet>/up/<client>/<round>`` (UploadManifest and UploadChunk)."""
+
+    family: ClassVar[str] = "up"
+    fleet: str
+    client: str
+    round: int
+
+    def __post_init__(self) -> None:
+        validate_id(self.fleet, "fleet")
+        validate_id(self.client, "client")
+        _validate_round(self.round)
+
+    def __str__(self) -> str:
+        return f"{PREFIX}/{self.fleet}/up/{self.client}/{self.round}"
+
+    @classmethod
+    def parse(cls, topic: str) -> UploadTopic:
+        client, round_seg = _segments(topic, "up", 2)
+        return cls(topic.split("/")[2], validate_id(client, "client"), _parse_round(round_seg))
+
+
+@dataclass(frozen=True, slots=True)
+class _ClientTopic:
+    """Shared shape of ``fstq/v1/<fleet>/<family>/<client>`` topics."""
+
+    family: ClassVar[str] = ""
+    fleet: str
+    client: str
+
+    def __post_init__(self) -> None:
+        validate_id(self.fleet, "fleet")
+        validate_id(self.client, "client")
+
+    def __str__(self) -> str:
+        return f"{PREFIX}/{self.fleet}/{self.family}/{self.client}"
+
+    @classmethod
+    def _parse(cls, topic: str) -> tuple[str, str]:
+        (client,) = _segments(topic, cls.family, 1)
+        return topic.split("/")[2], validate_id(client, "client")
+
+
+@dataclass(frozen=True, slots=True)
+class AckTopic(_ClientTopic):
+    """``fstq/v1/<fleet>/ack/<client>`` (UploadAck to one device)."""
+
+    family: ClassVar[str] = "ack"
+
+    @classmethod
+    def parse(cls, topic: str) -> AckTopic:
+        return cls(*cls._parse(topic))
+
+
+@dataclass(frozen=True, slots=True)
+class FetchTopic(_ClientTopic):
+    """``fstq/v1/<fleet>/fetch/<client>`` (FetchRequest from one device)."""
+
+    family: ClassVar[str] = "fetch"
+
+    @classmethod
+    def parse(cls, topic: str) -> FetchTopic:
+        return cls(*cls._parse(topic))
+
+
+@dataclass(frozen=True, slots=True)
+class DownTopic(_ClientTopic):
+    """``fstq/v1/<fleet>/down/<client>`` (GlobalChunk to one device)."""
+
+    family: ClassVar[str] = "down"
+
+    @classmethod
+    def parse(cls, topic: str) -> DownTopic:
+        return cls(*cls._parse(topic))
+
+
+@dataclass(frozen=True, slots=True)
+class StatusTopic(_ClientTopic):
+    """``fstq/v1/<fleet>/status/<client>`` (ClientStatus heartbeat and will)."""
+
+    family: ClassVar[str] = "status"
+
+    @classmethod
+    def parse(cls, topic: str) -> StatusTopic:
+        return cls(*cls._parse(topic))
+
+
+Topic = (
+    RoundTopic | GlobalManifestTopic | UploadTopic | AckTopic | FetchTopic | DownTopic | StatusTopic
+)
+
+_PARSERS: dict[str, Callable[[str], Topic]] = {
+    "round": RoundTopic.parse,
+    "global": GlobalManifestTopic.parse,
+    "up": UploadTopic.parse,
+    "ack": AckTopic.parse,
+    "fetch": FetchTopic.parse,
+    "down": DownTopic.parse,
+    "status": StatusTopic.parse,
+}
+
+
+# -- builders (one per family) ---------------------------------------------------------------
+
+
+def round_topic(fleet: str) -> str:
+    return str(RoundTopic(fleet))
+
+
+def upload_topic(fleet: str, client: str, round_id: int) -> str:
+    return str(UploadTopic(fleet, client, round_id))
+
+
+def ack_topic(fleet: str, client: str) -> str:
+    return str(AckTopic(fleet, client))
+
+
+def global_manifest_topic(fleet: str) -> str:
+    return str(GlobalManifestTopic(fleet))
+
+
+def fetch_topic(fleet: str, client: str) -> str:
+    return str(FetchTopic(fleet, client))
+
+
+def down_topic(fleet: str, client: str) -> str:
+    return str(DownTopic(fleet, client))
+
+
+def status_topic(fleet: str, client: str) -> str:
+    return str(StatusTopic(fleet, client))
+
+
+# -- parsers (one per family, plus a dispatcher) ---------------------------------------------
+
+
+def parse_round_topic(topic: str) -> RoundTopic:
+    return RoundTopic.parse(topic)
+
+
+def parse_upload_topic(topic: str) -> UploadTopic:
+    return UploadTopic.parse(topic)
+
+
+def parse_ack_topic(topic: str) -> AckTopic:
+    return AckTopic.parse(topic)
+
+
+def parse_global_manifest_topic(topic: str) -> GlobalManifestTopic:
+    return GlobalManifestTopic.parse(topic)
+
+
+def parse_fetch_topic(topic: str) -> FetchTopic:
+    return FetchTopic.parse(topic)
+
+
+def parse_down_topic(topic: str) -> DownTopic:
+    return DownTopic.parse(topic)
+
+
+def parse_status_topic(topic: str) -> StatusTopic:
+    return StatusTopic.parse(topic)
+
+
+def parse_topic(topic: str) -> Topic:
+    """Parse any fedfstq topic into its value object; :class:`TopicError` otherwise."""
+    parts = topic.split("/") if isinstance(topic, str) else []
+    parser = _PARSERS.get(parts[3]) if len(parts) >= 4 else None
+    if parser is None:
+        raise TopicError(f"not a {PREFIX} topic: {topic!r}")
+    return parser(topic)
+
+
+# -- subscription filters ----------------------------------------------------------------------
+
+
+def upload_filter(fleet: str) -> str:
+    """Every device's uploads of every round: ``fstq/v1/<fleet>/up/+/+``."""
+    return f"{PREFIX}/{validate_id(fleet, 'fleet')}/up/+/+"
+
+
+def fetch_filter(fleet: str) -> str:
+    return f"{PREFIX}/{validate_id(fleet, 'fleet')}/fetch/+"
+
+
+def status_filter(fleet: str) -> str:
+    return f"{PREFIX}/{validate_id(fleet, 'fleet')}/status/+"
+
+
+def ack_filter(fleet: str) -> str:
+    """All acknowledgements of a fleet (monitoring only; devices subscribe to their own)."""
+    return f"{PREFIX}/{validate_id(fleet, 'fleet')}/ack/+"
+
+
+def down_filter(fleet: str) -> str:
+    """All downlink chunks of a fleet (monitoring only; devices subscribe to their own)."""
+    return f"{PREFIX}/{validate_id(fleet, 'fleet')}/down/+"
+
+
+def aggregator_filters(fleet: str) -> tuple[str, str, str]:
+    """What the aggregator subscribes to: uploads, fetch requests, device status."""
+    return (upload_filter(fleet), fetch_filter(fleet), status_filter(fleet))
+
+
+def device_filters(fleet: str, client: str) -> tuple[str, str, str, str]:
+    """What a device subscribes to: round, global manifest, its acks, its downlink chunks."""
+    return (
+        round_topic(fleet),
+        global_manifest_topic(fleet),
+        ack_topic(fleet, client),
+        down_topic(fleet, client),
+    )
+
+
+def shared(group: str, topic_filter: str) -> str:
+    """``$share/<group>/<filter>``: one member of ``group`` receives each message.
+
+    Careful: round-robin dispatch scatters one device's chunks over replicas; see README.
+    """
+    return f"$share/{validate_id(group, 'share group')}/{topic_filter}"
+
+
+def topic_matches(topic_filter: str, topic: str) -> bool:
+    """MQTT topic-filter matching (``+`` one level, ``#`` the rest; ``$`` topics only literal)."""
+    if topic_filter.startswith("$share/"):
+        topic_filter = topic_filter.split("/", 2)[2] if topic_filter.count("/") >= 2 else ""
+    f_parts, t_parts = topic_filter.split("/"), topic.split("/")
+    if topic.startswith("$") and f_parts[0] in ("+", "#"):
+        return False
+    for i, f in enumerate(f_parts):
+        if f == "#":
+            return i == len(f_parts) - 1
+        if i >= len(t_parts) or (f != "+" and f != t_parts[i]):
+            return False
+    return len(f_parts) == len(t_parts)

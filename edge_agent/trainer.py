@@ -1,0 +1,124 @@
+"""Local training of one round on a device: global adapter in, compressed update out.
+
+No networking here: the round loop hands in the global adapter and gets back the encoded update,
+so the same trainer serves the daemon, the demo and the evaluation's fleet runner.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from fstq.compressors import CompressedUpdate, Compressor
+from fstq.config import FstqConfig
+from fstq.token_scores import TokenScores
+from fstq.training import FstqTrainingHook, get_adapter_state, set_adapter_state
+from workload.batches import Example, batches
+
+__all__ = ["LocalTrainer", "TrainResult", "TrainSpec"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Local optimisation settings (matched across methods in any comparison)."""
+
+    steps: int = 10
+    batch_size: int = 8
+    lr: float = 2e-4  # paper: AdamW, lr 2e-4
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """One round's output and what it cost."""
+
+    update: CompressedUpdate
+    sample_count: int
+    compute_s: float  # local training + compression wall time (the round-time model uses it)
+    train_loss: float  # mean loss over the round's steps
+    tokens_kept: float  # share of target tokens kept by the token mask
+
+
+class LocalTrainer:
+    """Holds the peft model and the device's examples; trains one round per call."""
+
+    def __init__(
+        self,
+        model: Any,
+        examples: Sequence[Example],
+        pad_id: int,
+        config: FstqConfig,
+        token_scores: TokenScores,
+        spec: TrainSpec,
+    ) -> None:
+        if not examples:
+            raise ValueError("a device needs at least one training example")
+        self.model = model
+        self.examples = examples
+        self.pad_id = pad_id
+        self.config = config
+        self.token_scores = token_scores
+        self.spec = spec
+
+    def train_round(
+        self,
+        global_state: Mapping[str, torch.Tensor],
+        compressor: Compressor,
+        *,
+        budget_bytes: int | None,
+        residual: Mapping[str, torch.Tensor] | None,
+        rng: np.random.Generator,
+    ) -> TrainResult:
+        """Load the global adapter, run `spec.steps` local steps, return the compressed delta."""
+        start = time.perf_counter()
+        set_adapter_state(self.model, global_state)
+        self.model.train()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.spec.lr, weight_decay=self.spec.weight_decay)
+        seed = int(rng.integers(2**31))
+        hook = FstqTrainingHook(
+            self.model,
+            self.config,
+            self.token_scores,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        losses: list[float] = []
+        hook.begin_round()
+        try:
+            steps = batches(self.examples, self.spec.batch_size, self.pad_id, rng, self.spec.steps)
+            for batch in steps:
+                loss = hook.loss(batch)
+                torch.autograd.backward(loss)
+                hook.after_backward()
+                torch.nn.utils.clip_grad_norm_(params, self.spec.max_grad_norm)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                losses.append(float(loss.detach()))
+            stats = hook.stats
+            hook.end_round()
+            update = hook.compress(
+                compressor, budget_bytes=budget_bytes, residual=residual, rng=rng
+            )
+        finally:
+            hook.close()
+            self.model.train(False)
+        kept = stats.targets_kept / stats.targets_total if stats.targets_total else 1.0
+        return TrainResult(
+            update=update,
+            sample_count=len(self.examples),
+            compute_s=time.perf_counter() - start,
+            train_loss=float(np.mean(losses)) if losses else float("nan"),
+            tokens_kept=kept,
+        )
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        return get_adapter_state(self.model)
