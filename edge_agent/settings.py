@@ -47,6 +47,9 @@ class CompressionSettings(BaseModel):
     error_feedback: bool = False
     qsgd_bits: Annotated[int, Field(ge=2, le=8)] = 4
     topk_fraction: Annotated[float, Field(gt=0, le=1)] = 0.05
+    #: fstq's budgeted allocation needs a budget; when no hint, fixed budget or rate applies it
+    #: uses this share of the dense fp16 update size (1/8: the paper's ~15% payload, rounded).
+    default_budget_fraction: Annotated[float, Field(gt=0, le=1)] = 0.125
 
     @model_validator(mode="after")
     def _check(self) -> Self:

@@ -41,11 +41,33 @@ def _demo(args: argparse.Namespace) -> int:
     return demo.main(args)
 
 
+def _agent(args: argparse.Namespace) -> int:
+    from edge_agent import cli
+
+    return cli.main(args)
+
+
+def _aggregator(args: argparse.Namespace) -> int:
+    from aggregator import cli
+
+    return cli.main(args)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedfstq", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--log-json", action="store_true", help="structured JSON log lines")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    from aggregator import cli as aggregator_cli
+    from edge_agent import cli as agent_cli
+
+    agent = sub.add_parser("agent", help="run the edge agent daemon (systemd service)")
+    agent_cli.add_arguments(agent)
+    agent.set_defaults(func=_agent)
+    agg = sub.add_parser("aggregator", help="run the aggregator service (container)")
+    aggregator_cli.add_arguments(agg)
+    agg.set_defaults(func=_aggregator)
 
     demo = sub.add_parser("demo", help="run the main job (see README)")
     from fedfstq import demo as demo_mod

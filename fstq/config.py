@@ -19,9 +19,9 @@ class FstqConfig:
     """Fed-FSTQ settings; defaults follow the paper where it gives a value, else decisions.md."""
 
     rho: float = 0.9  # EMA decay of token scores and coordinate Fisher (paper)
-    refresh_every: int = 10  # H: full-loss refresh of token scores/mask every H local steps (paper)
-    token_keep_ratio: float = 0.5  # r_tok: share of target tokens kept on masked steps (paper: unset)
-    allocation: Allocation = "budget"  # decision 6: budgeted marginal gain; "percentile" = paper bands
+    refresh_every: int = 10  # H: full-loss refresh of scores and mask every H steps (paper)
+    token_keep_ratio: float = 0.5  # r_tok: share of targets kept on masked steps (paper: unset)
+    allocation: Allocation = "budget"  # decision 6: marginal gain; "percentile" = paper bands
     # Percentile bands on u (paper: values unset): below p_low pruned, [p_low,p_mid) INT2,
     # [p_mid,p_high) INT4, >= p_high fp16.
     percentiles: tuple[float, float, float] = (70.0, 90.0, 98.0)
@@ -36,12 +36,12 @@ class FstqConfig:
         if not 0.0 < self.token_keep_ratio <= 1.0 or math.isnan(self.token_keep_ratio):
             raise ConfigError(f"token_keep_ratio must be in (0, 1], got {self.token_keep_ratio}")
         if self.allocation not in ("budget", "percentile"):
-            raise ConfigError(f"allocation must be 'budget' or 'percentile', got {self.allocation!r}")
+            raise ConfigError(f"allocation must be budget or percentile, got {self.allocation!r}")
         if self.rounding not in ("nearest", "stochastic"):
             raise ConfigError(f"rounding must be 'nearest' or 'stochastic', got {self.rounding!r}")
         lo, mid, hi = self.percentiles
         if not 0.0 <= lo <= mid <= hi <= 100.0:
-            raise ConfigError(f"percentiles must satisfy 0 <= low <= mid <= high <= 100, got {self.percentiles}")
+            raise ConfigError(f"need 0 <= low <= mid <= high <= 100, got {self.percentiles}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (for manifests and logs)."""

@@ -1,4 +1,4 @@
-"""The fstq exception hierarchy: everything the library raises on bad input derives from FstqError."""
+"""The fstq exception hierarchy: everything fstq raises on bad input derives from FstqError."""
 
 from __future__ import annotations
 

@@ -20,9 +20,11 @@ import yaml
 
 __all__ = [
     "DataError",
+    "FederatedSplit",
     "QAPair",
     "chatterbot_dir",
     "dirichlet_partition",
+    "federated_split",
     "load_chatterbot",
     "read_jsonl",
     "train_test_split",
@@ -195,3 +197,39 @@ def dirichlet_partition(
             moved = parts[donor].pop(int(rng.integers(len(parts[donor]))))
             parts[small].append(moved)
     return [sorted(p) for p in parts]
+
+
+@dataclass(frozen=True)
+class FederatedSplit:
+    """Per-client training data (non-IID) and a shared held-out set."""
+
+    clients: list[list[QAPair]]
+    test: list[QAPair]
+
+
+def federated_split(
+    pairs: Sequence[QAPair],
+    n_clients: int,
+    alpha: float,
+    rng: np.random.Generator,
+    *,
+    by: str = "language",
+    test_fraction: float = 0.1,
+    max_per_client: int | None = None,
+    max_test: int | None = None,
+) -> FederatedSplit:
+    """Stratified held-out split, then a Dirichlet(alpha) split of the rest over clients.
+
+    `max_per_client` / `max_test` subsample (seeded) to keep demos and tests small; the label mix
+    of each client is preserved in expectation.
+    """
+    train, test = train_test_split(pairs, test_fraction, rng, by=by)
+    parts = dirichlet_partition([p.label(by) for p in train], n_clients, alpha, rng)
+    clients = []
+    for idx in parts:
+        if max_per_client is not None and len(idx) > max_per_client:
+            idx = sorted(int(i) for i in rng.choice(idx, size=max_per_client, replace=False))
+        clients.append([train[i] for i in idx])
+    if max_test is not None and len(test) > max_test:
+        test = [test[int(i)] for i in sorted(rng.choice(len(test), size=max_test, replace=False))]
+    return FederatedSplit(clients, test)

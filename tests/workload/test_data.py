@@ -102,3 +102,15 @@ def test_stratified_split_keeps_every_label_on_both_sides() -> None:
     assert len(test) == 12 and len(train) == 48
     assert {p.language for p in test} == {"lang0", "lang1", "lang2"}
     assert not set(p.prompt for p in train) & set(p.prompt for p in test)
+
+
+def test_federated_split_is_disjoint_and_capped() -> None:
+    from workload.data import federated_split
+
+    pairs = [QAPair(f"q{i}", "a", f"lang{i % 4}") for i in range(400)]
+    split = federated_split(pairs, 5, 0.1, np.random.default_rng(3), max_per_client=30, max_test=20)
+    seen = [p.prompt for c in split.clients for p in c]
+    assert len(seen) == len(set(seen))
+    assert all(1 <= len(c) <= 30 for c in split.clients)
+    assert len(split.test) == 20
+    assert not set(seen) & {p.prompt for p in split.test}

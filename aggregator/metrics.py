@@ -1,0 +1,143 @@
+"""Per-round counters and the JSON record appended to ``rounds.jsonl`` at the end of a round.
+
+Byte accounting follows docs/architecture.md: chunk payload bytes, the encoded message bytes
+plus MQTT framing (fixed header, topic, packet id, properties) as ``*_wire_bytes``, and
+duplicates (re-sent chunks) separately. Everything received while a round is open is charged to
+that round, whichever round a message names (late uploads cost uplink bytes too); traffic while
+no round is open (fetches of the new global, stragglers) is charged to the next round.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from broker._mqtt_support import packet_size, varint_len
+from broker.transport import Message
+
+__all__ = ["ClientUpload", "RoundMetrics", "append_jsonl", "received_wire_bytes"]
+
+_EXPIRY_PROPERTY = 1 + 4  # identifier byte + four-byte integer
+_TRAFFIC = (
+    "uplink_messages",
+    "uplink_wire_bytes",
+    "uplink_payload_bytes",
+    "duplicate_chunks",
+    "duplicate_bytes",
+    "downlink_chunks",
+    "downlink_payload_bytes",
+    "downlink_wire_bytes",
+    "control_wire_bytes",
+)
+
+
+def received_wire_bytes(msg: Message) -> int:
+    """Size of the MQTT 5 PUBLISH packet that carried ``msg`` (as the publisher sent it)."""
+    props = _EXPIRY_PROPERTY if msg.expiry_s is not None else 0
+    for key, value in msg.user_properties:
+        props += 1 + 2 + len(key.encode()) + 2 + len(value.encode())
+    return packet_size(msg.topic, msg.payload, msg.qos, varint_len(props) + props)
+
+
+@dataclass(frozen=True)
+class ClientUpload:
+    """What one accepted upload cost and how much it was compressed."""
+
+    bytes: int
+    dense_fp16_bytes: int  # 2 bytes per coordinate: the uncompressed reference
+    method: str
+    sample_count: int
+    norm: float
+    wire_bytes: int
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "bytes": self.bytes,
+            "dense_fp16_bytes": self.dense_fp16_bytes,
+            "ratio_vs_fp16": self.dense_fp16_bytes / self.bytes if self.bytes else None,
+            "method": self.method,
+            "sample_count": self.sample_count,
+            "norm": self.norm,
+            "wire_bytes": self.wire_bytes,
+        }
+
+
+@dataclass
+class RoundMetrics:
+    """Mutable counters of one round; :meth:`record` is the JSON line written at its end."""
+
+    round_id: int
+    base_version: int
+    selected: tuple[str, ...]
+    opened_at: float
+    resumed: bool = False
+    extensions: int = 0
+    uplink_messages: int = 0
+    uplink_wire_bytes: int = 0
+    uplink_payload_bytes: int = 0  # chunk data, first copies
+    duplicate_chunks: int = 0
+    duplicate_bytes: int = 0  # chunk data of re-sent chunks
+    downlink_chunks: int = 0
+    downlink_payload_bytes: int = 0
+    downlink_wire_bytes: int = 0
+    control_wire_bytes: int = 0  # acks, announcements, global manifests
+    late: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    clients: dict[str, ClientUpload] = field(default_factory=dict)
+
+    def add_downlink(self, chunks: int, payload_bytes: int, wire_bytes: int) -> None:
+        self.downlink_chunks += chunks
+        self.downlink_payload_bytes += payload_bytes
+        self.downlink_wire_bytes += wire_bytes
+
+    def absorb(self, other: RoundMetrics) -> None:
+        """Take over what was counted while no round was open."""
+        for name in _TRAFFIC:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.late += other.late
+        self.rejected.update(other.rejected)
+
+    def record(
+        self,
+        *,
+        status: str,
+        global_version: int,
+        closed_at: float,
+        evaluation: dict[str, float | int | None] | None = None,
+        clipped: int = 0,
+    ) -> dict[str, Any]:
+        accepted = sum(c.bytes for c in self.clients.values())
+        dense = sum(c.dense_fp16_bytes for c in self.clients.values())
+        traffic = {name: getattr(self, name) for name in _TRAFFIC}
+        return {
+            "round": self.round_id,
+            "status": status,
+            "base_version": self.base_version,
+            "global_version": global_version,
+            "selected": list(self.selected),
+            "arrived": sorted(self.clients),
+            "late": self.late,
+            "rejected": dict(sorted(self.rejected.items())),
+            **traffic,
+            "accepted_payload_bytes": accepted,
+            "ratio_vs_fp16": dense / accepted if accepted else None,
+            "clients": {name: c.record() for name, c in sorted(self.clients.items())},
+            "clipped": clipped,
+            "eval": evaluation,
+            "extensions": self.extensions,
+            "resumed": self.resumed,
+            "opened_at": self.opened_at,
+            "closed_at": closed_at,
+            "duration_s": closed_at - self.opened_at,
+        }
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    """Append one JSON line (strict JSON: no NaN) and flush it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record, allow_nan=False) + "\n")
+        fh.flush()

@@ -1,0 +1,471 @@
+"""The aggregator service: one thread, one MQTT client, one SQLite store.
+
+Implements "The protocol, message by message" of docs/architecture.md. The loop takes one
+message at a time (``receive(timeout)``), dispatches it by topic family, then ticks the round
+clock (:class:`~aggregator.round_controller.RoundController`, which owns rounds and global
+adapter versions). Hostile or broken input is answered when it names an upload, always counted
+and logged, never raised: a rejection leaves the running FedAvg sum untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections import Counter, OrderedDict, defaultdict
+from collections.abc import Callable
+
+from aggregator.adapter_model import AdapterModel, ModelLoader, default_loader, load_eval_examples
+from aggregator.fedavg import RejectedUpdate
+from aggregator.metrics import received_wire_bytes
+from aggregator.round_controller import Event, RoundController
+from aggregator.rounds import live_clients
+from aggregator.settings import AggregatorSettings
+from aggregator.store import AggregatorStore
+from broker.chunking import chunks_for_fetch, full_bitmap
+from broker.codec import decode, encode
+from broker.errors import (
+    BitmapError,
+    ExpiredError,
+    StaleVersionError,
+    TopicError,
+    TransferError,
+    TransportError,
+    UnexpectedKindError,
+    UnknownUploadError,
+    WireError,
+)
+from broker.inbox import CompletedUpload, Inbox, UploadKey
+from broker.messages import (
+    AckStatus,
+    ClientState,
+    ClientStatus,
+    FetchRequest,
+    UploadAck,
+    UploadChunk,
+    UploadManifest,
+)
+from broker.settings import MqttSettings
+from broker.topics import (
+    FetchTopic,
+    StatusTopic,
+    UploadTopic,
+    ack_topic,
+    aggregator_filters,
+    down_topic,
+    global_manifest_topic,
+    parse_topic,
+    round_topic,
+)
+from broker.transport import Message, PublishHandle, Transport
+from workload.batches import Example
+
+__all__ = ["Aggregator", "ClientFactory", "Clock"]
+
+log = logging.getLogger(__name__)
+
+#: Builds an unconnected MQTT client (tests inject one; the default is ``broker.mqtt``).
+ClientFactory = Callable[[MqttSettings], Transport]
+#: Unix seconds; injected so tests can move deadlines without sleeping.
+Clock = Callable[[], float]
+
+_MAX_THROTTLED = 4096  # upload keys remembered for ack throttling
+
+
+def _mqtt_client(settings: MqttSettings) -> Transport:
+    from broker.mqtt import MqttClient  # the only paho importer, loaded only when used
+
+    return MqttClient(settings)
+
+
+class Aggregator:
+    """The service of one fleet: ``start()``, then ``run(stop)`` (or ``step()`` in tests)."""
+
+    def __init__(
+        self,
+        settings: AggregatorSettings,
+        *,
+        client_factory: ClientFactory | None = None,
+        clock: Clock = time.time,
+        model_loader: ModelLoader | None = None,
+    ) -> None:
+        self.settings = settings
+        self._fleet = settings.fleet
+        self._client_factory = client_factory or _mqtt_client
+        self._clock = clock
+        self._model = AdapterModel(
+            model_loader or default_loader(settings.model, settings.model_cache_dir),
+            settings.lora.spec(),
+            settings.init_seed,
+        )
+        self._controller: RoundController | None = None
+        self._client: Transport | None = None
+        self._inbox = Inbox(settings.inbox.limits())
+        self._upload_wire: defaultdict[UploadKey, int] = defaultdict(int)
+        self._throttle: OrderedDict[UploadKey, float] = OrderedDict()
+        self._last_seen: dict[str, float] = {}
+        self._retained: list[PublishHandle] = []
+        self._next_health = 0.0
+
+    # -- public state ------------------------------------------------------------------------
+
+    @property
+    def rounds(self) -> RoundController:
+        assert self._controller is not None, "start() first"
+        return self._controller
+
+    @property
+    def counters(self) -> Counter[str]:
+        """Lifetime counters: rejections by reason, ``late``, ``stale_fetch``, ..."""
+        return self.rounds.counters
+
+    @property
+    def global_version(self) -> int:
+        return self.rounds.current.version
+
+    @property
+    def open_round(self) -> int | None:
+        rnd = self.rounds.round
+        return rnd.round_id if rnd is not None else None
+
+    @property
+    def finished(self) -> bool:
+        return self.rounds.finished
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Open the store, load or create the global adapter, resume, connect and announce.
+
+        Raises the model/data errors of ``workload`` (bad model source, eval file), a
+        ``LoraMismatchError`` (state made with other LoRA settings) or a ``TransportError``
+        (broker unreachable); the CLI maps them to exit codes.
+        """
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self) -> None:
+        s, now = self.settings, self._clock()
+        store = AggregatorStore(s.db_path)
+        examples: list[Example] = []
+        if s.eval.path is not None:  # load now: a bad path or model fails at start, not later
+            examples = load_eval_examples(
+                self._model.tokenizer, s.eval.path, s.eval.max_examples, s.eval.max_len
+            )
+        self._controller = RoundController(s, store, self._model, examples)
+        self._controller.load(now)
+        client = self._client_factory(s.mqtt)
+        self._client = client
+        client.connect(timeout=s.start_timeout_s)
+        for topic_filter in aggregator_filters(self._fleet):
+            client.subscribe(topic_filter)
+        self._publish_global()
+        if self.rounds.round is not None:
+            self._announce()
+        self._write_health()
+        log.info("aggregator of fleet %s started: global v%d, open round %s", self._fleet,
+                 self.global_version, self.open_round,
+                 extra={"fleet": self._fleet, "round": self.open_round})  # fmt: skip
+
+    def run(self, stop: threading.Event) -> None:
+        """Serve until ``stop`` is set or ``max_rounds`` rounds have ended; then close."""
+        if self._client is None:
+            self.start()
+        try:
+            while not stop.is_set() and not self.finished:
+                self.step(self.settings.poll_s)
+        finally:
+            self.close()
+
+    def step(self, timeout: float) -> None:
+        """One loop turn: at most one message, then a tick of the round clock."""
+        assert self._client is not None, "start() first"
+        msg = self._client.receive(timeout)
+        if msg is not None:
+            self.handle(msg)
+        self.tick(self._clock())
+
+    def close(self) -> None:
+        """Disconnect (nothing retained is published or cleared here) and close the store."""
+        client, self._client = self._client, None
+        if client is not None:
+            for handle in self._retained:  # let the latest global manifest reach the broker
+                with contextlib.suppress(TransportError):
+                    handle.wait(2.0)
+            client.close()
+        if self._controller is not None:
+            self._controller.store.close()
+            self._controller = None
+
+    # -- dispatch ----------------------------------------------------------------------------
+
+    def handle(self, msg: Message) -> None:
+        """Process one received message; never raises for anything the network sent."""
+        now = self._clock()
+        try:
+            topic = parse_topic(msg.topic)
+        except TopicError as exc:
+            self.rounds.note_rejection(None, None, exc.reason, str(exc), now)
+            return
+        try:
+            if isinstance(topic, UploadTopic):
+                self._last_seen[topic.client] = now
+                self._on_upload(topic, msg, now)
+            elif isinstance(topic, FetchTopic):
+                self._last_seen[topic.client] = now
+                self._on_fetch(topic, decode(msg.payload, expect=FetchRequest), now)
+            elif isinstance(topic, StatusTopic):
+                self._on_status(topic, decode(msg.payload, expect=ClientStatus), now)
+        except WireError as exc:  # undecodable: no upload id to answer, so count and log only
+            round_id = topic.round if isinstance(topic, UploadTopic) else None
+            client = getattr(topic, "client", None)
+            self.rounds.note_rejection(round_id, client, exc.reason, str(exc), now)
+        except Exception:  # a bug must not take the fleet's aggregator down with it
+            log.exception("internal error handling a message on %s", msg.topic)
+            self.counters["internal_error"] += 1
+
+    def _on_status(self, topic: StatusTopic, status: ClientStatus, now: float) -> None:
+        if status.client != topic.client:
+            detail = f"status of {status.client!r} on {topic}"
+            self.rounds.note_rejection(None, topic.client, "origin", detail, now)
+        elif status.state is ClientState.OFFLINE:
+            self._last_seen.pop(topic.client, None)
+        else:
+            self._last_seen[topic.client] = now
+
+    def _on_fetch(self, topic: FetchTopic, request: FetchRequest, now: float) -> None:
+        g = self.rounds.current
+        try:
+            chunks = chunks_for_fetch(g.manifest, g.chunks, request)
+        except StaleVersionError:  # the device re-reads the retained manifest
+            log.debug("stale fetch for v%d from %s", request.version, topic.client)
+            self.counters["stale_fetch"] += 1
+            return
+        except BitmapError as exc:
+            self.rounds.note_rejection(None, topic.client, exc.reason, str(exc), now)
+            return
+        dest = down_topic(self._fleet, topic.client)
+        expiry = self.settings.downlink_expiry_s
+        wire = sum(self._publish(dest, encode(c), expiry_s=expiry).size for c in chunks)
+        self.rounds.metrics.add_downlink(len(chunks), sum(len(c.data) for c in chunks), wire)
+
+    # -- uploads -----------------------------------------------------------------------------
+
+    def _on_upload(self, topic: UploadTopic, msg: Message, now: float) -> None:
+        wire = received_wire_bytes(msg)
+        metrics = self.rounds.metrics
+        metrics.uplink_messages += 1
+        metrics.uplink_wire_bytes += wire
+        body = decode(msg.payload)
+        if not isinstance(body, UploadManifest | UploadChunk):
+            raise UnexpectedKindError(f"{body.kind!r} on an upload topic")
+        key = UploadKey.of(body)
+        if body.client != topic.client or body.round != topic.round:
+            detail = f"{body.kind} of {body.client}/{body.round} on {topic}"
+            self._reject(key, topic.client, "origin", detail, now)
+        elif isinstance(body, UploadManifest):
+            self._on_manifest(topic.client, body, key, wire, now)
+        else:
+            self._on_chunk(topic.client, body, key, wire, now)
+
+    def _on_manifest(
+        self, client: str, m: UploadManifest, key: UploadKey, wire: int, now: float
+    ) -> None:
+        # The store first: a device asking about an upload we committed (its ack lost in a
+        # restart, or the round closed meanwhile) must hear ``complete``, never ``late``.
+        stored = self.rounds.store.accepted_upload(m.round, client)
+        if stored is not None and stored.upload_id == m.upload_id:
+            self._send_ack(client, _complete_ack(m))
+            return
+        rnd = self.rounds.round
+        if rnd is None or m.round != rnd.round_id:
+            self._not_open(key, client, now)
+            return
+        if stored is not None:
+            detail = f"already accepted upload {stored.upload_id} this round"
+            self._reject(key, client, "duplicate", detail, now)
+            return
+        if client not in rnd.state.selected:
+            self._reject(key, client, "not_selected", "client not selected", now)
+            return
+        if m.base_version != rnd.base_version:
+            detail = f"trained from v{m.base_version}, round is on v{rnd.base_version}"
+            self._reject(key, client, "base_version", detail, now)
+            return
+        try:
+            ack = self._inbox.open(m, now=now, sender=client)
+        except TransferError as exc:  # limits (checked before allocating), manifest conflict
+            self._reject(key, client, exc.reason, str(exc), now)
+            return
+        self._upload_wire[key] += wire
+        self._send_ack(client, ack)
+
+    def _on_chunk(self, client: str, c: UploadChunk, key: UploadKey, wire: int, now: float) -> None:
+        metrics = self.rounds.metrics
+        try:
+            result = self._inbox.add(c, now=now, sender=client)
+        except UnknownUploadError:
+            if self.open_round == c.round:  # e.g. we restarted: the device re-sends its manifest
+                self._send_throttled(client, key, _ack(key, AckStatus.UNKNOWN), now)
+            else:
+                self._not_open(key, client, now, per_chunk=True)
+            return
+        except ExpiredError as exc:
+            self._reject(key, client, exc.reason, str(exc), now, late=True)
+            return
+        except WireError as exc:  # TransferError (index, size) or ChecksumError (CRC, SHA-256)
+            if key in self._inbox:
+                # A bad chunk (CRC, index, size) is dropped and a resend fixes it: answer with
+                # what we have so the device re-sends only the missing chunks.
+                self.rounds.note_rejection(c.round, client, exc.reason, str(exc), now)
+                self._send_throttled(client, key, self._inbox.ack(key), now)
+            else:  # SHA-256 mismatch: the inbox voided the upload
+                self._upload_wire.pop(key, None)
+                self._reject(key, client, exc.reason, str(exc), now)
+            return
+        self._upload_wire[key] += wire
+        if not result.new:
+            metrics.duplicate_chunks += 1
+            metrics.duplicate_bytes += len(c.data)
+        else:
+            metrics.uplink_payload_bytes += len(c.data)
+        if result.completed is not None:
+            self._on_complete(client, key, result.completed, now)
+
+    def _on_complete(self, client: str, key: UploadKey, done: CompletedUpload, now: float) -> None:
+        """Decode, validate, commit, fold in; then (and only then) acknowledge ``complete``."""
+        wire = self._upload_wire.pop(key, 0)
+        try:
+            self.rounds.accept(client, done.manifest, done.payload, wire, now)
+        except RejectedUpdate as exc:
+            self._inbox.settle(key, AckStatus.REJECTED, exc.reason)  # re-sent manifests agree
+            self._reject(key, client, exc.reason, str(exc), now)
+            return
+        m = done.manifest
+        log.info("accepted %s from %s (%d bytes, %d samples)", m.upload_id, client,
+                 len(done.payload), m.sample_count,
+                 extra={"round": m.round, "client": client, "upload": m.upload_id})  # fmt: skip
+        self._send_ack(client, self._inbox.ack(key))
+
+    def _not_open(self, key: UploadKey, client: str, now: float, per_chunk: bool = False) -> None:
+        """An upload for a round that is not open: ``late`` if the round existed."""
+        if key.round <= self.rounds.last_round_id:
+            status, reason = AckStatus.LATE, "round_closed"
+        else:
+            status, reason = AckStatus.REJECTED, "unknown_round"
+        if per_chunk:  # the chunks of a late upload: answer them (throttled), count the manifest
+            if self._send_throttled(client, key, _ack(key, status, reason), now):
+                self.counters[f"{reason}_chunks"] += 1
+            return
+        self._reject(key, client, reason, f"round {key.round} is not open", now,
+                     late=status is AckStatus.LATE)  # fmt: skip
+
+    # -- answers -----------------------------------------------------------------------------
+
+    def _reject(
+        self,
+        key: UploadKey,
+        client: str,
+        reason: str,
+        detail: str,
+        now: float,
+        *,
+        late: bool = False,
+    ) -> None:
+        """Count, record and log a refused upload, and tell the device (``rejected``/``late``)."""
+        self.rounds.note_rejection(key.round, client, reason, detail, now, late=late)
+        status = AckStatus.LATE if late else AckStatus.REJECTED
+        self._send_ack(client, _ack(key, status, reason))
+
+    def _send_ack(self, client: str, ack: UploadAck) -> None:
+        handle = self._publish(ack_topic(self._fleet, client), encode(ack))
+        self.rounds.metrics.control_wire_bytes += handle.size
+
+    def _send_throttled(self, client: str, key: UploadKey, ack: UploadAck, now: float) -> bool:
+        """At most one such ack per upload per ``unknown_ack_interval_s``; True if sent."""
+        last = self._throttle.get(key)
+        if last is not None and now - last < self.settings.unknown_ack_interval_s:
+            return False
+        self._throttle[key] = now
+        self._throttle.move_to_end(key)
+        while len(self._throttle) > _MAX_THROTTLED:
+            self._throttle.popitem(last=False)
+        self._send_ack(client, ack)
+        return True
+
+    # -- the round clock ---------------------------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        """Expire stalled uploads, then let the controller open/close/extend/fail the round."""
+        self._write_health()
+        for key in self._inbox.expire(now):
+            self._upload_wire.pop(key, None)
+            self.rounds.note_rejection(key.round, key.client, "expired", "upload TTL passed",
+                                       now, late=True)  # fmt: skip
+        ttl = self.settings.rounds.heartbeat_ttl_s
+        live = live_clients(self._last_seen, now, ttl) if self.rounds.round is None else []
+        round_id = self.open_round
+        event = self.rounds.tick(now, live)
+        if event is Event.OPENED:
+            self._last_seen = {c: t for c, t in self._last_seen.items() if c in live}  # bounded
+        if event in (Event.OPENED, Event.EXTENDED):
+            self._announce()
+        elif event in (Event.CLOSED, Event.FAILED):
+            assert round_id is not None
+            for key in self._inbox.drop_round(round_id):  # in-flight uploads are late now
+                self._upload_wire.pop(key, None)
+            if event is Event.CLOSED:
+                self._publish_global()
+
+    # -- publishing --------------------------------------------------------------------------
+
+    def _announce(self) -> None:
+        self._publish_retained(round_topic(self._fleet), encode(self.rounds.announcement()))
+
+    def _publish_global(self) -> None:
+        manifest = self.rounds.current.manifest
+        self._publish_retained(global_manifest_topic(self._fleet), encode(manifest))
+
+    def _publish_retained(self, topic: str, payload: bytes) -> None:
+        handle = self._publish(topic, payload, retain=True)
+        self.rounds.metrics.control_wire_bytes += handle.size
+        self._retained = [h for h in self._retained if not h.done()] + [handle]
+
+    def _publish(
+        self, topic: str, payload: bytes, *, retain: bool = False, expiry_s: int | None = None
+    ) -> PublishHandle:
+        # Never publish_wait: a PUBACK proves nothing end to end, and the loop must not block.
+        assert self._client is not None
+        return self._client.publish(topic, payload, retain=retain, expiry_s=expiry_s)
+
+    def _write_health(self) -> None:
+        """Rewrite <state>/health with the wall-clock time (read by ``--check``)."""
+        mono = time.monotonic()
+        if mono < self._next_health:
+            return
+        self._next_health = mono + self.settings.health_interval_s
+        path = self.settings.health_path
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(f"{time.time():.3f}\n")
+        os.replace(tmp, path)
+
+
+def _ack(key: UploadKey, status: AckStatus, reason: str = "") -> UploadAck:
+    """An ack without a bitmap (every status but ``receiving``/``complete``)."""
+    return UploadAck(upload_id=key.upload_id, round=key.round, status=status, chunk_count=0,
+                     have=b"", reason=reason[:256])  # fmt: skip
+
+
+def _complete_ack(m: UploadManifest) -> UploadAck:
+    return UploadAck(
+        upload_id=m.upload_id,
+        round=m.round,
+        status=AckStatus.COMPLETE,
+        chunk_count=m.chunk_count,
+        have=full_bitmap(m.chunk_count),
+    )

