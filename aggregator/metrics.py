@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from broker._mqtt_support import packet_size, varint_len
+from broker.framing import packet_size, varint_len
 from broker.transport import Message
 
 __all__ = ["ClientUpload", "RoundMetrics", "append_jsonl", "received_wire_bytes"]

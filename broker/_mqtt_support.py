@@ -11,7 +11,7 @@ from typing import ParamSpec
 from broker.errors import ConnectError
 from broker.settings import TlsSettings
 
-__all__ = ["guarded", "packet_size", "paho_logger", "tls_context", "varint_len"]
+__all__ = ["guarded", "paho_logger", "tls_context"]
 
 _log = logging.getLogger("broker.mqtt")
 P = ParamSpec("P")
@@ -70,13 +70,3 @@ def tls_context(tls: TlsSettings) -> ssl.SSLContext:
     ctx.check_hostname = not tls.insecure
     ctx.sslsocket_class = _ClosingSSLSocket
     return ctx
-
-
-def varint_len(n: int) -> int:
-    return 1 if n < 128 else 2 if n < 16384 else 3 if n < 2097152 else 4
-
-
-def packet_size(topic: str, payload: bytes, qos: int, packed_properties: int) -> int:
-    """Exact size of an MQTT 5 PUBLISH packet (``packed_properties``: length incl. its varint)."""
-    remaining = 2 + len(topic.encode()) + (2 if qos else 0) + packed_properties + len(payload)
-    return 1 + varint_len(remaining) + remaining

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self
 
-from broker._mqtt_support import packet_size, varint_len
 from broker.errors import ClientClosedError, PacketTooLargeError, PublishError
+from broker.framing import packet_size, varint_len
 from broker.settings import MqttSettings
 from broker.topics import topic_matches
 from broker.transport import ClientStats, Completion, Message, PublishHandle, Will

@@ -35,7 +35,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from broker._mqtt_support import guarded, packet_size, paho_logger, tls_context
+from broker._mqtt_support import guarded, paho_logger, tls_context
 from broker.backoff import full_jitter
 from broker.errors import (
     ClientClosedError,
@@ -45,6 +45,7 @@ from broker.errors import (
     PublishError,
     SubscribeError,
 )
+from broker.framing import packet_size
 from broker.settings import MqttSettings
 from broker.transport import ClientStats, Completion, Message, PublishHandle, Will
 

@@ -47,17 +47,21 @@ def encode_pair(tokenizer: Any, pair: QAPair, max_len: int) -> Example:
     return Example(prompt_ids + answer_ids, [IGNORE] * len(prompt_ids) + answer_ids)
 
 
-def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example: input_ids, attention_mask, labels (IGNORE on padding)."""
+def collate(
+    examples: Sequence[Example], pad_id: int, left_pad: bool = False
+) -> dict[str, torch.Tensor]:
+    """Pad to the longest example (right by default; left for batched generation):
+    input_ids, attention_mask, labels (IGNORE on padding)."""
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
     for row, e in enumerate(examples):
         n = len(e.input_ids)
-        ids[row, :n] = torch.tensor(e.input_ids)
-        labels[row, :n] = torch.tensor(e.labels)
-        mask[row, :n] = 1
+        cols = slice(width - n, width) if left_pad else slice(0, n)
+        ids[row, cols] = torch.tensor(e.input_ids)
+        labels[row, cols] = torch.tensor(e.labels)
+        mask[row, cols] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
