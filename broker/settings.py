@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Annotated, Self
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
-__all__ = ["MqttSettings", "TlsSettings"]
+__all__ = ["MqttSettings", "ServiceSettings", "TlsSettings"]
 
 
 class TlsSettings(BaseModel):
@@ -64,3 +65,39 @@ class MqttSettings(BaseModel):
         if self.password is not None and self.username is None:
             raise ValueError("password without username")
         return self
+
+
+class ServiceSettings(BaseSettings):
+    """Base of the services' settings: the MQTT connection and its password file.
+
+    Subclasses set ``model_config`` (their env prefix). The environment beats the TOML file,
+    whose tables the entry point passes as keyword arguments; the password is read from
+    ``mqtt_password_file`` (systemd ``LoadCredential=``, Docker secrets) so it never sits in the
+    file or the unit's environment.
+    """
+
+    mqtt: MqttSettings
+    #: File holding the broker password (e.g. $CREDENTIALS_DIRECTORY/mqtt_password).
+    mqtt_password_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _read_password(self) -> Self:
+        if self.mqtt_password_file is not None:
+            try:
+                secret = self.mqtt_password_file.read_text().strip()
+            except OSError as exc:
+                raise ValueError(f"cannot read mqtt_password_file: {exc}") from None
+            mqtt = self.mqtt.model_copy(update={"password": SecretStr(secret)})
+            object.__setattr__(self, "mqtt", mqtt)
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return env_settings, init_settings

