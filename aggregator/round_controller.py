@@ -19,6 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -84,6 +85,8 @@ class RoundController:
         self.decode_limits = DecodeLimits()
         #: Lifetime counters: rejections by reason, "late", and the service's own events.
         self.counters: Counter[str] = Counter()
+        #: The ``rounds.jsonl`` record of the round that ended last (this process).
+        self.last_record: dict[str, Any] | None = None
 
     # -- state -------------------------------------------------------------------------------
 
@@ -322,6 +325,7 @@ class RoundController:
             clipped=rnd.fedavg.clipped,
         )
         record["close_s"] = close_s
+        self.last_record = record
         append_jsonl(self.settings.rounds_path, record)
         self.store.finish_round(rnd.round_id, status, now, record)
         self.round = None

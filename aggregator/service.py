@@ -20,6 +20,7 @@ from collections.abc import Callable
 from aggregator.adapter_model import AdapterModel, ModelLoader, default_loader, load_eval_examples
 from aggregator.fedavg import RejectedUpdate
 from aggregator.metrics import received_wire_bytes
+from aggregator.prometheus import ServiceMetrics
 from aggregator.round_controller import Event, RoundController
 from aggregator.rounds import live_clients
 from aggregator.settings import AggregatorSettings
@@ -104,6 +105,10 @@ class Aggregator:
         self._client: Transport | None = None
         self._inbox = Inbox(settings.inbox.limits())
         self._upload_wire: defaultdict[UploadKey, int] = defaultdict(int)
+        self._upload_started: dict[UploadKey, float] = {}  # first manifest, for the histogram
+        self._chunk_kind: tuple[str, int] | None = None  # set by _on_chunk for _on_upload
+        #: Prometheus metrics (private registry); served when ``metrics_port`` is set.
+        self.prometheus = ServiceMetrics(settings.fleet)
         self._throttle: OrderedDict[UploadKey, float] = OrderedDict()
         self._last_seen: dict[str, float] = {}
         self._retained: list[PublishHandle] = []
@@ -159,6 +164,10 @@ class Aggregator:
             )
         self._controller = RoundController(s, store, self._model, examples)
         self._controller.load(now)
+        rounds = self._controller
+        self.prometheus.state(rounds.last_round_id, rounds.round is not None, self.global_version)
+        if s.metrics_port:
+            self.prometheus.serve(s.metrics_host, s.metrics_port)
         client = self._client_factory(s.mqtt)
         self._client = client
         client.connect(timeout=s.start_timeout_s)
@@ -192,6 +201,7 @@ class Aggregator:
 
     def close(self) -> None:
         """Disconnect (nothing retained is published or cleared here) and close the store."""
+        self.prometheus.close()
         client, self._client = self._client, None
         if client is not None:
             for handle in self._retained:  # let the latest global manifest reach the broker
@@ -210,7 +220,7 @@ class Aggregator:
         try:
             topic = parse_topic(msg.topic)
         except TopicError as exc:
-            self.rounds.note_rejection(None, None, exc.reason, str(exc), now)
+            self._note_rejection(None, None, exc.reason, str(exc), now)
             return
         try:
             if isinstance(topic, UploadTopic):
@@ -224,7 +234,7 @@ class Aggregator:
         except WireError as exc:  # undecodable: no upload id to answer, so count and log only
             round_id = topic.round if isinstance(topic, UploadTopic) else None
             client = getattr(topic, "client", None)
-            self.rounds.note_rejection(round_id, client, exc.reason, str(exc), now)
+            self._note_rejection(round_id, client, exc.reason, str(exc), now)
         except Exception:  # a bug must not take the fleet's aggregator down with it
             log.exception("internal error handling a message on %s", msg.topic)
             self.counters["internal_error"] += 1
@@ -232,7 +242,7 @@ class Aggregator:
     def _on_status(self, topic: StatusTopic, status: ClientStatus, now: float) -> None:
         if status.client != topic.client:
             detail = f"status of {status.client!r} on {topic}"
-            self.rounds.note_rejection(None, topic.client, "origin", detail, now)
+            self._note_rejection(None, topic.client, "origin", detail, now)
         elif status.state is ClientState.OFFLINE:
             self._last_seen.pop(topic.client, None)
         else:
@@ -247,7 +257,7 @@ class Aggregator:
             self.counters["stale_fetch"] += 1
             return
         except BitmapError as exc:
-            self.rounds.note_rejection(None, topic.client, exc.reason, str(exc), now)
+            self._note_rejection(None, topic.client, exc.reason, str(exc), now)
             return
         dest = down_topic(self._fleet, topic.client)
         expiry = self.settings.downlink_expiry_s
@@ -261,6 +271,14 @@ class Aggregator:
         metrics = self.rounds.metrics
         metrics.uplink_messages += 1
         metrics.uplink_wire_bytes += wire
+        self._chunk_kind = None
+        try:
+            self._dispatch_upload(topic, msg, wire, now)
+        finally:
+            kind, size = self._chunk_kind or (None, 0)
+            self.prometheus.uplink(wire, kind, size)
+
+    def _dispatch_upload(self, topic: UploadTopic, msg: Message, wire: int, now: float) -> None:
         body = decode(msg.payload)
         if not isinstance(body, UploadManifest | UploadChunk):
             raise UnexpectedKindError(f"{body.kind!r} on an upload topic")
@@ -303,6 +321,7 @@ class Aggregator:
             self._reject(key, client, exc.reason, str(exc), now)
             return
         self._upload_wire[key] += wire
+        self._upload_started.setdefault(key, now)
         self._send_ack(client, ack)
 
     def _on_chunk(self, client: str, c: UploadChunk, key: UploadKey, wire: int, now: float) -> None:
@@ -322,10 +341,10 @@ class Aggregator:
             if key in self._inbox:
                 # A bad chunk (CRC, index, size) is dropped and a resend fixes it: answer with
                 # what we have so the device re-sends only the missing chunks.
-                self.rounds.note_rejection(c.round, client, exc.reason, str(exc), now)
+                self._note_rejection(c.round, client, exc.reason, str(exc), now)
                 self._send_throttled(client, key, self._inbox.ack(key), now)
             else:  # SHA-256 mismatch: the inbox voided the upload
-                self._upload_wire.pop(key, None)
+                self._forget(key)
                 self._reject(key, client, exc.reason, str(exc), now)
             return
         self._upload_wire[key] += wire
@@ -334,18 +353,21 @@ class Aggregator:
             metrics.duplicate_bytes += len(c.data)
         else:
             metrics.uplink_payload_bytes += len(c.data)
+        self._chunk_kind = ("payload" if result.new else "resent", len(c.data))
         if result.completed is not None:
             self._on_complete(client, key, result.completed, now)
 
     def _on_complete(self, client: str, key: UploadKey, done: CompletedUpload, now: float) -> None:
         """Decode, validate, commit, fold in; then (and only then) acknowledge ``complete``."""
         wire = self._upload_wire.pop(key, 0)
+        started = self._upload_started.pop(key, None)
         try:
             self.rounds.accept(client, done.manifest, done.payload, wire, now)
         except RejectedUpdate as exc:
             self._inbox.settle(key, AckStatus.REJECTED, exc.reason)  # re-sent manifests agree
             self._reject(key, client, exc.reason, str(exc), now)
             return
+        self.prometheus.accepted(None if started is None else now - started)
         m = done.manifest
         log.info("accepted %s from %s (%d bytes, %d samples)", m.upload_id, client,
                  len(done.payload), m.sample_count,
@@ -365,7 +387,26 @@ class Aggregator:
         self._reject(key, client, reason, f"round {key.round} is not open", now,
                      late=status is AckStatus.LATE)  # fmt: skip
 
+    def _forget(self, key: UploadKey) -> None:
+        """Drop the per-upload bookkeeping of an upload the inbox no longer holds."""
+        self._upload_wire.pop(key, None)
+        self._upload_started.pop(key, None)
+
     # -- answers -----------------------------------------------------------------------------
+
+    def _note_rejection(
+        self,
+        round_id: int | None,
+        client: str | None,
+        reason: str,
+        detail: str,
+        now: float,
+        *,
+        late: bool = False,
+    ) -> None:
+        """Count (round metrics, lifetime counters, Prometheus), record and log a rejection."""
+        self.rounds.note_rejection(round_id, client, reason, detail, now, late=late)
+        self.prometheus.rejection(reason, late=late)
 
     def _reject(
         self,
@@ -378,7 +419,7 @@ class Aggregator:
         late: bool = False,
     ) -> None:
         """Count, record and log a refused upload, and tell the device (``rejected``/``late``)."""
-        self.rounds.note_rejection(key.round, client, reason, detail, now, late=late)
+        self._note_rejection(key.round, client, reason, detail, now, late=late)
         status = AckStatus.LATE if late else AckStatus.REJECTED
         self._send_ack(client, _ack(key, status, reason))
 
@@ -404,8 +445,8 @@ class Aggregator:
         """Expire stalled uploads, then let the controller open/close/extend/fail the round."""
         self._write_health()
         for key in self._inbox.expire(now):
-            self._upload_wire.pop(key, None)
-            self.rounds.note_rejection(key.round, key.client, "expired", "upload TTL passed",
+            self._forget(key)
+            self._note_rejection(key.round, key.client, "expired", "upload TTL passed",
                                        now, late=True)  # fmt: skip
         ttl = self.settings.rounds.heartbeat_ttl_s
         live = live_clients(self._last_seen, now, ttl) if self.rounds.round is None else []
@@ -413,12 +454,17 @@ class Aggregator:
         event = self.rounds.tick(now, live)
         if event is Event.OPENED:
             self._last_seen = {c: t for c, t in self._last_seen.items() if c in live}  # bounded
+            rnd = self.rounds.round
+            assert rnd is not None
+            self.prometheus.opened(rnd.round_id, sorted(rnd.state.selected))
+        elif event in (Event.CLOSED, Event.FAILED) and self.rounds.last_record is not None:
+            self.prometheus.ended(self.rounds.last_record)
         if event in (Event.OPENED, Event.EXTENDED):
             self._announce()
         elif event in (Event.CLOSED, Event.FAILED):
             assert round_id is not None
             for key in self._inbox.drop_round(round_id):  # in-flight uploads are late now
-                self._upload_wire.pop(key, None)
+                self._forget(key)
             if event is Event.CLOSED:
                 self._publish_global()
 

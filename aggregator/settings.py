@@ -164,6 +164,10 @@ class AggregatorSettings(ServiceSettings):
     eval: EvalSettings = EvalSettings()
     #: Per-round metrics (one JSON object per line); None = <state_dir>/rounds.jsonl.
     metrics_path: Path | None = None
+    #: Prometheus endpoint (/metrics): TCP port, 0 = off; bind address (loopback by default:
+    #: a container publishing the port sets 0.0.0.0).
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] = 0
+    metrics_host: str = "127.0.0.1"
     #: The running service rewrites <state_dir>/health this often; `--check` allows 3x.
     health_interval_s: Positive = 5.0
     #: Message expiry of downlink chunks (a device that went away does not get a backlog).

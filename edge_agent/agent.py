@@ -131,6 +131,11 @@ class EdgeAgent:
         #: Every upload finished by this instance, in order.
         self.reports: list[UploadOutcome] = []
 
+    @property
+    def current_round(self) -> int | None:
+        """The round the agent is working on (None while idle); for log context."""
+        return self._phase_round
+
     # -- lifecycle ---------------------------------------------------------------------------
 
     def stop(self) -> None:

@@ -26,7 +26,13 @@ from pydantic import ValidationError
 from broker.errors import ConnectError, ConnectRefusedError
 from edge_agent.agent import EdgeAgent
 from edge_agent.exit_codes import ExitCode, for_connect_refusal
-from edge_agent.lifecycle import Notifier, stop_signals, watchdog_interval
+from edge_agent.lifecycle import (
+    LogContext,
+    Notifier,
+    log_context,
+    stop_signals,
+    watchdog_interval,
+)
 from edge_agent.settings import AgentSettings
 from workload.data import DataError, read_jsonl
 from workload.models import SMOLLM2, TINY, ModelLoadError, smollm2_package_dir
@@ -205,5 +211,8 @@ def main(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> 
         log.error("state directory %s: %s", settings.state_dir, exc)
         return ExitCode.CONFIG
     stop = threading.Event()
-    with stop_signals(stop):
+    with (
+        stop_signals(stop),
+        log_context(LogContext(settings.client_id, lambda: agent.current_round)),
+    ):
         return agent.run(stop)

@@ -53,6 +53,12 @@ def _aggregator(args: argparse.Namespace) -> int:
     return cli.main(args)
 
 
+def _enrol(args: argparse.Namespace) -> int:
+    from fedfstq import enrol
+
+    return enrol.main(args)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedfstq", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -68,6 +74,12 @@ def _build_parser() -> argparse.ArgumentParser:
     agg = sub.add_parser("aggregator", help="run the aggregator service (container)")
     aggregator_cli.add_arguments(agg)
     agg.set_defaults(func=_aggregator)
+
+    enrol = sub.add_parser("enrol", help="broker credentials + agent config for a new device")
+    from fedfstq import enrol as enrol_mod
+
+    enrol_mod.add_arguments(enrol)
+    enrol.set_defaults(func=_enrol)
 
     demo = sub.add_parser("demo", help="run the main job (see README)")
     from fedfstq import demo as demo_mod

