@@ -30,6 +30,7 @@ from aggregator.global_adapter import LoraMismatchError
 from aggregator.service import Aggregator
 from aggregator.settings import AggregatorSettings
 from broker.errors import TransportError
+from broker.log_context import LogContext, log_context
 from broker.settings import MqttSettings
 from workload.adapters import AdapterFormatError
 from workload.data import DataError
@@ -155,7 +156,14 @@ def serve(settings: AggregatorSettings, stop: threading.Event | None = None) -> 
     """Run the service until a signal (or ``stop``) or ``max_rounds``; return the exit code."""
     stop = stop or threading.Event()
     service = Aggregator(settings)
-    with _stop_on_signals(stop):
+
+    def context() -> dict[str, object]:
+        try:
+            return {"fleet": settings.fleet, "round": service.open_round}
+        except AssertionError:  # not started yet: no round state
+            return {"fleet": settings.fleet}
+
+    with _stop_on_signals(stop), log_context(LogContext(context)):
         try:
             service.start()
         except (LoraMismatchError, OSError, sqlite3.Error) as exc:

@@ -24,12 +24,11 @@ from typing import Any
 from pydantic import ValidationError
 
 from broker.errors import ConnectError, ConnectRefusedError
+from broker.log_context import LogContext, log_context
 from edge_agent.agent import EdgeAgent
 from edge_agent.exit_codes import ExitCode, for_connect_refusal
 from edge_agent.lifecycle import (
-    LogContext,
     Notifier,
-    log_context,
     stop_signals,
     watchdog_interval,
 )
@@ -213,6 +212,8 @@ def main(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> 
     stop = threading.Event()
     with (
         stop_signals(stop),
-        log_context(LogContext(settings.client_id, lambda: agent.current_round)),
+        log_context(
+            LogContext(lambda: {"client": settings.client_id, "round": agent.current_round})
+        ),
     ):
         return agent.run(stop)

@@ -16,9 +16,7 @@ from collections.abc import Callable, Iterator
 from types import FrameType
 
 __all__ = [
-    "LogContext",
     "Notifier",
-    "log_context",
     "notify",
     "stop_handler",
     "stop_signals",
@@ -115,40 +113,6 @@ def stop_handler(stop: threading.Event) -> Callable[[int, FrameType | None], Non
         stop.set()
 
     return handle
-
-
-class LogContext(logging.Filter):
-    """Stamps ``client`` (and the current ``round``) on records that do not carry them.
-
-    Installed on the root handlers by the entry point, so every line that reaches them (the
-    agent's modules and libraries logging through the root logger) has the device id in the
-    JSON output; records passing their own ``extra={"round": ..., "client": ...}`` keep them.
-    """
-
-    def __init__(self, client: str, round_of: Callable[[], int | None] = lambda: None) -> None:
-        super().__init__()
-        self.client = client
-        self._round_of = round_of
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if getattr(record, "client", None) is None:
-            record.client = self.client
-        if getattr(record, "round", None) is None:
-            record.round = self._round_of()
-        return True
-
-
-@contextlib.contextmanager
-def log_context(context: LogContext) -> Iterator[None]:
-    """Add ``context`` to every handler of the root logger for the duration of the block."""
-    handlers = list(logging.getLogger().handlers)
-    for handler in handlers:
-        handler.addFilter(context)
-    try:
-        yield
-    finally:
-        for handler in handlers:
-            handler.removeFilter(context)
 
 
 @contextlib.contextmanager

@@ -54,7 +54,7 @@ def test_exceptions_stay_on_one_line() -> None:
 
 
 def test_agent_log_context_stamps_client_and_round_on_every_line() -> None:
-    from edge_agent.lifecycle import LogContext, log_context
+    from broker.log_context import LogContext, log_context
 
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
@@ -63,7 +63,7 @@ def test_agent_log_context_stamps_client_and_round_on_every_line() -> None:
     root.addHandler(handler)
     current: list[int | None] = [None]
     try:
-        with log_context(LogContext("dev-07", lambda: current[0])):
+        with log_context(LogContext(lambda: {"client": "dev-07", "round": current[0]})):
             logging.getLogger("thirdparty.lib").warning("third-party line")
             current[0] = 4
             logging.getLogger("edge_agent.x").warning("own line", extra={"round": 3})
