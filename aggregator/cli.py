@@ -19,7 +19,6 @@ import sqlite3
 import sys
 import threading
 import time
-import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from aggregator.service import Aggregator
 from aggregator.settings import AggregatorSettings
 from broker.errors import TransportError
 from broker.log_context import LogContext, log_context
-from broker.settings import MqttSettings
+from broker.settings import ConfigError, MqttSettings, read_toml
 from workload.adapters import AdapterFormatError
 from workload.data import DataError
 from workload.models import ModelLoadError
@@ -57,10 +56,6 @@ EXIT_MODEL = 3
 EXIT_BROKER = 4
 
 
-class ConfigError(ValueError):
-    """The configuration file or values are unusable."""
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="TOML file (tables as in aggregator/README)")
     parser.add_argument(
@@ -73,15 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_settings(args: argparse.Namespace) -> AggregatorSettings:
     """TOML tables as keyword arguments (the environment beats them), then the flags on top."""
-    tables: dict[str, Any] = {}
-    if args.config is not None:
-        try:
-            with open(args.config, "rb") as fh:
-                tables = tomllib.load(fh)
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {args.config}: {exc.strerror}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {args.config} is not valid TOML: {exc}") from None
+    tables: dict[str, Any] = read_toml(args.config)
     mqtt_flags = {
         k: v for k, v in (("host", args.broker_host), ("port", args.broker_port)) if v is not None
     }

@@ -28,7 +28,14 @@ from broker.errors import ClientClosedError, PacketTooLargeError, PublishError
 from broker.framing import packet_size, varint_len
 from broker.settings import MqttSettings
 from broker.topics import topic_matches
-from broker.transport import ClientStats, Completion, Message, PublishHandle, Will
+from broker.transport import (
+    ClientStats,
+    Completion,
+    Message,
+    PublishHandle,
+    PublishWaitMixin,
+    Will,
+)
 
 __all__ = ["MemoryBroker", "MemoryClient"]
 
@@ -95,7 +102,7 @@ class MemoryBroker:
                     session.inbox.put(live)
 
 
-class MemoryClient:
+class MemoryClient(PublishWaitMixin):
     """A :class:`~broker.transport.Transport` talking to a :class:`MemoryBroker`."""
 
     def __init__(
@@ -178,24 +185,6 @@ class MemoryClient:
         done = Completion()
         done.resolve((0,), "Success")
         return PublishHandle(0, topic, size, done)
-
-    def publish_wait(
-        self,
-        topic: str,
-        payload: bytes,
-        *,
-        timeout: float = 30.0,
-        qos: int = 1,
-        retain: bool = False,
-        expiry_s: int | None = None,
-        user_properties: Sequence[tuple[str, str]] = (),
-    ) -> PublishHandle:
-        handle = self.publish(
-            topic, payload, qos=qos, retain=retain, expiry_s=expiry_s,
-            user_properties=user_properties,
-        )  # fmt: skip
-        handle.wait(timeout)
-        return handle
 
     def subscribe(self, topic_filter: str, qos: int = 1, *, timeout: float | None = 10.0) -> None:
         if self._closed or self._session is None:

@@ -47,7 +47,14 @@ from broker.errors import (
 )
 from broker.framing import packet_size
 from broker.settings import MqttSettings
-from broker.transport import ClientStats, Completion, Message, PublishHandle, Will
+from broker.transport import (
+    ClientStats,
+    Completion,
+    Message,
+    PublishHandle,
+    PublishWaitMixin,
+    Will,
+)
 
 __all__ = ["ClientStats", "Message", "MqttClient", "MqttSettings", "PublishHandle", "Will"]
 
@@ -62,7 +69,7 @@ def _properties(packet_type: int) -> Properties:
     return Properties(packet_type)  # type: ignore[no-untyped-call]
 
 
-class MqttClient:
+class MqttClient(PublishWaitMixin):
     """Synchronous MQTT 5 client; use as a context manager or call connect()/close()."""
 
     def __init__(
@@ -259,25 +266,6 @@ class MqttClient:
         self.stats.published += 1
         self.stats.published_bytes += size
         return PublishHandle(info.mid, topic, size, waiter)
-
-    def publish_wait(
-        self,
-        topic: str,
-        payload: bytes,
-        *,
-        timeout: float = 30.0,
-        qos: int = 1,
-        retain: bool = False,
-        expiry_s: int | None = None,
-        user_properties: Sequence[tuple[str, str]] = (),
-    ) -> PublishHandle:
-        """Publish and wait for the PUBACK (typed error on failure code or timeout)."""
-        handle = self.publish(
-            topic, payload, qos=qos, retain=retain, expiry_s=expiry_s,
-            user_properties=user_properties,
-        )  # fmt: skip
-        handle.wait(timeout)
-        return handle
 
     def subscribe(self, topic_filter: str, qos: int = 1, *, timeout: float | None = 10.0) -> None:
         """Subscribe (waiting up to ``timeout`` s for SUBACK) and again after every reconnect.

@@ -6,13 +6,14 @@ looks at the environment or files.
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
-from typing import Annotated, Self
+from typing import Annotated, Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
-__all__ = ["MqttSettings", "ServiceSettings", "TlsSettings"]
+__all__ = ["ConfigError", "MqttSettings", "ServiceSettings", "TlsSettings", "read_toml"]
 
 
 class TlsSettings(BaseModel):
@@ -101,3 +102,20 @@ class ServiceSettings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return env_settings, init_settings
+
+
+class ConfigError(ValueError):
+    """A service's configuration (file, environment or flags) is unusable; the message says why."""
+
+
+def read_toml(path: Path | None) -> dict[str, Any]:
+    """The tables of a service's TOML file (empty without a path), read by the entry point."""
+    if path is None:
+        return {}
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None

@@ -15,7 +15,15 @@ from typing import Protocol, Self
 
 from broker.errors import ClientClosedError, PublishRejectedError, PublishTimeoutError
 
-__all__ = ["ClientStats", "Completion", "Message", "PublishHandle", "Transport", "Will"]
+__all__ = [
+    "ClientStats",
+    "Completion",
+    "Message",
+    "PublishHandle",
+    "PublishWaitMixin",
+    "Transport",
+    "Will",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +112,41 @@ class ClientStats:
     received: int = 0
     received_bytes: int = 0
     last_disconnect: str = ""
+
+
+class PublishWaitMixin:
+    """``publish_wait`` in terms of ``publish``: one implementation for every Transport."""
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        expiry_s: int | None = None,
+        user_properties: Sequence[tuple[str, str]] = (),
+    ) -> PublishHandle:
+        raise NotImplementedError
+
+    def publish_wait(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        timeout: float = 30.0,
+        qos: int = 1,
+        retain: bool = False,
+        expiry_s: int | None = None,
+        user_properties: Sequence[tuple[str, str]] = (),
+    ) -> PublishHandle:
+        """Publish and wait for the PUBACK (typed error on failure code or timeout)."""
+        handle = self.publish(
+            topic, payload, qos=qos, retain=retain, expiry_s=expiry_s,
+            user_properties=user_properties,
+        )  # fmt: skip
+        handle.wait(timeout)
+        return handle
 
 
 class Transport(Protocol):

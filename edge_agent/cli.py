@@ -16,7 +16,6 @@ import argparse
 import logging
 import os
 import threading
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from pydantic import ValidationError
 
 from broker.errors import ConnectError, ConnectRefusedError
 from broker.log_context import LogContext, log_context
+from broker.settings import ConfigError, read_toml
 from edge_agent.agent import EdgeAgent
 from edge_agent.exit_codes import ExitCode, for_connect_refusal
 from edge_agent.lifecycle import (
@@ -55,10 +55,6 @@ _OVERRIDES: dict[str, tuple[str, ...]] = {
 }
 
 
-class ConfigError(ValueError):
-    """The configuration (file, environment or flags) is unusable; the message says why."""
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the agent's flags on ``parser`` (a ``fedfstq agent`` subparser)."""
     parser.add_argument("--config", type=Path, metavar="PATH", help="agent TOML file")
@@ -85,18 +81,6 @@ def _env_name(path: tuple[str, ...]) -> str:
     return ENV_PREFIX + "__".join(path).upper()
 
 
-def _read_toml(path: Path | None) -> dict[str, Any]:
-    if path is None:
-        return {}
-    try:
-        with open(path, "rb") as fh:
-            return tomllib.load(fh)
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-
-
 def load_settings(
     config: Path | None, overrides: Mapping[str, Any], environ: Mapping[str, str]
 ) -> AgentSettings:
@@ -105,7 +89,7 @@ def load_settings(
     ``overrides`` maps flag dests (see ``_OVERRIDES``) to values; None means "not given".
     Raises :class:`ConfigError` with every problem in one message.
     """
-    data = _read_toml(config)
+    data = read_toml(config)
     for dest, value in overrides.items():
         if value is None:
             continue

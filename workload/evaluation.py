@@ -1,17 +1,15 @@
-"""Held-out quality: answer-token loss and accuracy, and ROUGE-L of greedy generations."""
+"""Held-out quality: answer-token loss and accuracy, and ROUGE-L for generated answers."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from workload.batches import IGNORE, Example, collate, encode_prompt
-from workload.data import QAPair
+from workload.batches import IGNORE, Example, collate
 
-__all__ = ["Quality", "answer_metrics", "generate_answers", "rouge_l"]
+__all__ = ["Quality", "answer_metrics", "rouge_l"]
 
 
 @dataclass(frozen=True)
@@ -77,22 +75,3 @@ def rouge_l(prediction: str, reference: str) -> float:
         return 0.0
     prec, rec = lcs / len(p), lcs / len(r)
     return 2 * prec * rec / (prec + rec)
-
-
-@torch.no_grad()
-def generate_answers(
-    model: Any, tokenizer: Any, pairs: Sequence[QAPair], max_new_tokens: int = 24
-) -> list[str]:
-    """Greedy answers, one prompt at a time (no padding effects on a small CPU model)."""
-    outputs: list[str] = []
-    for pair in pairs:
-        ids = torch.tensor([encode_prompt(tokenizer, pair.prompt)])
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        outputs.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip())
-    return outputs

@@ -36,7 +36,7 @@ from broker.messages import UploadChunk, UploadManifest
 from broker.mqtt import MqttClient
 from broker.settings import MqttSettings
 from broker.topics import UploadTopic, parse_topic
-from broker.transport import Completion, Message, PublishHandle, Will
+from broker.transport import Completion, Message, PublishHandle, PublishWaitMixin, Will
 from edge_agent.agent import EdgeAgent
 from edge_agent.outbox import Outbox, OutboxEntry
 from edge_agent.settings import AgentSettings
@@ -198,7 +198,7 @@ class OffsetClock:
 # -- transport wrappers ---------------------------------------------------------------------
 
 
-class _Delegating:
+class _Delegating(PublishWaitMixin):
     """A ``Transport`` forwarding everything to a real ``MqttClient``."""
 
     def __init__(self, inner: MqttClient) -> None:
@@ -240,24 +240,6 @@ class _Delegating:
             topic, payload, qos=qos, retain=retain, expiry_s=expiry_s,
             user_properties=user_properties,
         )  # fmt: skip
-
-    def publish_wait(
-        self,
-        topic: str,
-        payload: bytes,
-        *,
-        timeout: float = 30.0,
-        qos: int = 1,
-        retain: bool = False,
-        expiry_s: int | None = None,
-        user_properties: Sequence[tuple[str, str]] = (),
-    ) -> PublishHandle:
-        handle = self.publish(
-            topic, payload, qos=qos, retain=retain, expiry_s=expiry_s,
-            user_properties=user_properties,
-        )  # fmt: skip
-        handle.wait(timeout)
-        return handle
 
     def subscribe(self, topic_filter: str, qos: int = 1, *, timeout: float | None = 10.0) -> None:
         self.inner.subscribe(topic_filter, qos, timeout=timeout)
