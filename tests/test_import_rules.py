@@ -10,11 +10,20 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("fstq", "broker", "workload", "edge_agent", "aggregator", "fedfstq")
+PACKAGES = ("fstq", "broker", "workload", "edge_agent", "aggregator", "evaluation", "fedfstq")
 
 # package -> top-level modules it must never import
 FORBIDDEN: dict[str, set[str]] = {
-    "fstq": {"paho", "msgpack", "broker", "workload", "edge_agent", "aggregator", "fedfstq"},
+    "fstq": {
+        "paho",
+        "msgpack",
+        "broker",
+        "workload",
+        "edge_agent",
+        "aggregator",
+        "evaluation",
+        "fedfstq",
+    },
     "broker": {
         "torch",
         "transformers",
@@ -23,11 +32,14 @@ FORBIDDEN: dict[str, set[str]] = {
         "workload",
         "edge_agent",
         "aggregator",
+        "evaluation",
         "fedfstq",
     },
-    "workload": {"paho", "msgpack", "broker", "edge_agent", "aggregator", "fedfstq"},
-    "edge_agent": {"aggregator", "fedfstq"},
-    "aggregator": {"edge_agent", "fedfstq"},
+    "workload": {"paho", "msgpack", "broker", "edge_agent", "aggregator", "evaluation", "fedfstq"},
+    "edge_agent": {"aggregator", "evaluation", "fedfstq"},
+    "aggregator": {"edge_agent", "evaluation", "fedfstq"},
+    # The harness drives both services (like the CLI) but only the CLI imports it.
+    "evaluation": {"fedfstq"},
     "fedfstq": set(),
 }
 
