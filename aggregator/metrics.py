@@ -15,12 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from broker.framing import packet_size, varint_len
+from broker.framing import publish_size
 from broker.transport import Message
 
 __all__ = ["ClientUpload", "RoundMetrics", "append_jsonl", "received_wire_bytes"]
 
-_EXPIRY_PROPERTY = 1 + 4  # identifier byte + four-byte integer
 _TRAFFIC = (
     "uplink_messages",
     "uplink_wire_bytes",
@@ -36,10 +35,9 @@ _TRAFFIC = (
 
 def received_wire_bytes(msg: Message) -> int:
     """Size of the MQTT 5 PUBLISH packet that carried ``msg`` (as the publisher sent it)."""
-    props = _EXPIRY_PROPERTY if msg.expiry_s is not None else 0
-    for key, value in msg.user_properties:
-        props += 1 + 2 + len(key.encode()) + 2 + len(value.encode())
-    return packet_size(msg.topic, msg.payload, msg.qos, varint_len(props) + props)
+    return publish_size(
+        msg.topic, msg.payload, msg.qos, expiry_s=msg.expiry_s, user_properties=msg.user_properties
+    )
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,11 @@ framing bytes in the per-round traffic accounting.
 
 from __future__ import annotations
 
-__all__ = ["packet_size", "varint_len"]
+from collections.abc import Sequence
+
+__all__ = ["packet_size", "publish_size", "varint_len"]
+
+_EXPIRY_PROPERTY = 1 + 4  # identifier byte + four-byte integer
 
 
 def varint_len(n: int) -> int:
@@ -18,3 +22,18 @@ def packet_size(topic: str, payload: bytes, qos: int, packed_properties: int) ->
     """Exact size of an MQTT 5 PUBLISH packet (``packed_properties``: length incl. its varint)."""
     remaining = 2 + len(topic.encode()) + (2 if qos else 0) + packed_properties + len(payload)
     return 1 + varint_len(remaining) + remaining
+
+
+def publish_size(
+    topic: str,
+    payload: bytes,
+    qos: int,
+    *,
+    expiry_s: int | None = None,
+    user_properties: Sequence[tuple[str, str]] = (),
+) -> int:
+    """Size of the MQTT 5 PUBLISH packet carrying these (message expiry and user properties)."""
+    props = _EXPIRY_PROPERTY if expiry_s is not None else 0
+    for key, value in user_properties:
+        props += 1 + 2 + len(key.encode()) + 2 + len(value.encode())
+    return packet_size(topic, payload, qos, varint_len(props) + props)

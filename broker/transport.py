@@ -18,6 +18,7 @@ from broker.errors import ClientClosedError, PublishRejectedError, PublishTimeou
 __all__ = [
     "ClientStats",
     "Completion",
+    "DelegatingTransport",
     "Message",
     "PublishHandle",
     "PublishWaitMixin",
@@ -201,3 +202,64 @@ class Transport(Protocol):
     def receive(self, timeout: float | None = None) -> Message | None: ...
 
     def messages(self, idle_timeout: float | None = None) -> Iterator[Message]: ...
+
+
+class DelegatingTransport(PublishWaitMixin):
+    """A ``Transport`` forwarding everything to another; subclasses intercept what they watch.
+
+    Used to observe or shape what a service sends and receives without touching the service
+    (the evaluation's per-device byte counts and dropouts, the tests' fault injection).
+    """
+
+    def __init__(self, inner: Transport) -> None:
+        self.inner = inner
+
+    @property
+    def is_connected(self) -> bool:
+        return self.inner.is_connected
+
+    def __enter__(self) -> Self:
+        self.connect()
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def connect(self, timeout: float | None = 10.0) -> None:
+        self.inner.connect(timeout)
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def abort(self) -> None:
+        self.inner.abort()
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        expiry_s: int | None = None,
+        user_properties: Sequence[tuple[str, str]] = (),
+    ) -> PublishHandle:
+        return self.inner.publish(
+            topic, payload, qos=qos, retain=retain, expiry_s=expiry_s,
+            user_properties=user_properties,
+        )  # fmt: skip
+
+    def subscribe(self, topic_filter: str, qos: int = 1, *, timeout: float | None = 10.0) -> None:
+        self.inner.subscribe(topic_filter, qos, timeout=timeout)
+
+    def unsubscribe(self, topic_filter: str) -> None:
+        self.inner.unsubscribe(topic_filter)
+
+    def receive(self, timeout: float | None = None) -> Message | None:
+        return self.inner.receive(timeout)
+
+    def messages(self, idle_timeout: float | None = None) -> Iterator[Message]:
+        while (msg := self.receive(idle_timeout)) is not None:
+            yield msg

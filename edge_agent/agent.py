@@ -54,6 +54,7 @@ from edge_agent.lifecycle import Notifier
 from edge_agent.local_model import LocalModel
 from edge_agent.outbox import Outbox, OutboxError
 from edge_agent.settings import AgentSettings
+from edge_agent.shared_model import SharedBaseModel
 from edge_agent.uploader import Uploader, UploadOutcome
 from fstq.errors import FstqError
 from workload.adapters import AdapterFormatError
@@ -97,7 +98,10 @@ class EdgeAgent:
         clock: Callable[[], float] = time.time,
         seed: int | None = None,
         notifier: Notifier | None = None,
+        shared_model: SharedBaseModel | None = None,
     ) -> None:
+        """``shared_model``: host this device on a base model shared with other logical devices
+        in the process (the evaluation's fleet) instead of loading its own."""
         self.settings = settings
         self._me = settings.client_id
         self._fleet = settings.fleet
@@ -110,7 +114,7 @@ class EdgeAgent:
         self._stop = threading.Event()
         self._client: Transport | None = None
         self._state = DeviceState(settings.state_dir)
-        self._model = LocalModel(settings, self._state, seed=self._seed)
+        self._model = LocalModel(settings, self._state, seed=self._seed, shared=shared_model)
         self._outbox: Outbox | None = None
         self._uploader: Uploader | None = None
         self._fetcher: GlobalFetcher | None = None

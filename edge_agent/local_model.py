@@ -8,10 +8,11 @@ directory across rounds and restarts.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import secrets
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,7 @@ from edge_agent.device_state import DeviceState
 from edge_agent.downloader import GlobalAdapter
 from edge_agent.outbox import OutboxEntry
 from edge_agent.settings import AgentSettings, CompressionSettings
+from edge_agent.shared_model import SharedBaseModel
 from edge_agent.trainer import LocalTrainer, TrainResult, TrainSpec
 from fstq.compressors import Compressor, make_compressor
 from fstq.config import FstqConfig
@@ -108,10 +110,19 @@ def uses_residual(c: CompressionSettings) -> bool:
 class LocalModel:
     """Base model, tokenised local examples, the peft adapter and fstq state of one device."""
 
-    def __init__(self, settings: AgentSettings, state: DeviceState, *, seed: int) -> None:
+    def __init__(
+        self,
+        settings: AgentSettings,
+        state: DeviceState,
+        *,
+        seed: int,
+        shared: SharedBaseModel | None = None,
+    ) -> None:
         self._settings = settings
         self._state = state
         self._seed = seed
+        #: Set when this device is one of many logical devices in one process (the fleet).
+        self._shared = shared
         self._base: torch.nn.Module | None = None
         self._tokenizer: Any = None
         self._pairs: list[QAPair] = []
@@ -136,19 +147,34 @@ class LocalModel:
         self._examples = [encode_pair(self._tokenizer, p, max_len) for p in self._pairs]
 
     def _load_base(self) -> None:
+        if self._shared is not None:
+            self._base, self._tokenizer = self._shared.base, self._shared.tokenizer
+            return
         s = self._settings
         self._base, self._tokenizer = load_base_model(s.model, s.model_cache_dir)
+
+    @contextlib.contextmanager
+    def _model_use(self) -> Iterator[None]:
+        # Only a shared model needs the lock: a device's own model has one user.
+        if self._shared is None:
+            yield
+            return
+        with self._shared.lock:
+            yield
 
     def ensure_adapter(self, spec: LoraSpec) -> None:
         """Build the peft model for ``spec`` (first round, or the aggregator changed LoRA)."""
         if self._trainer is not None and spec == self._lora:
             return
-        if self._trainer is not None:
-            # get_peft_model wraps the base in place; a different LoRA needs a clean base.
-            log.warning("LoRA changed (%s -> %s); reloading the base model", self._lora, spec)
-            self._load_base()
-        assert self._base is not None, "load() first"
-        model = make_peft_model(self._base, spec, seed=self._seed)
+        if self._shared is not None:
+            model = self._shared.peft_model(spec, seed=self._seed)
+        else:
+            if self._trainer is not None:
+                # get_peft_model wraps the base in place; a different LoRA needs a clean base.
+                log.warning("LoRA changed (%s -> %s); reloading the base model", self._lora, spec)
+                self._load_base()
+            assert self._base is not None, "load() first"
+            model = make_peft_model(self._base, spec, seed=self._seed)
         t = self._settings.training
         self._trainer = LocalTrainer(
             model,
@@ -159,6 +185,11 @@ class LocalModel:
             TrainSpec(steps=t.steps, batch_size=t.batch_size, lr=t.lr),
         )
         self._lora = spec
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """A copy of the adapter's current tensors (``ensure_adapter()`` first)."""
+        assert self._trainer is not None, "ensure_adapter() first"
+        return {k: v.detach().clone() for k, v in self._trainer.adapter_state().items()}
 
     def _load_token_scores(self, model: Any) -> TokenScores:
         vocab = int(model.get_input_embeddings().num_embeddings)
@@ -183,9 +214,11 @@ class LocalModel:
         residual = self._state.load_residual() if uses_residual(c) else None
         # Seeded per round: a round retrained after a crash draws the same batches.
         rng = np.random.default_rng([self._seed, round_id])
-        return self._trainer.train_round(
-            global_state, self._compressor, budget_bytes=budget_bytes, residual=residual, rng=rng
-        )
+        with self._model_use():
+            return self._trainer.train_round(
+                global_state, self._compressor, budget_bytes=budget_bytes, residual=residual,
+                rng=rng,
+            )  # fmt: skip
 
     def run_round(
         self, current: GlobalAdapter, ann: RoundAnnouncement, *, created_at: float
@@ -195,7 +228,8 @@ class LocalModel:
         Raises ValueError (bad LoRA metadata), AdapterFormatError, ModelLoadError or FstqError
         (budget below the minimal payload, adapter keys not matching the model).
         """
-        self.ensure_adapter(lora_spec_from(current.metadata))
+        with self._model_use():
+            self.ensure_adapter(lora_spec_from(current.metadata))
         global_state = adapter_from_bytes(current.payload)
         budget = budget_for(self._settings, ann, sum(t.numel() for t in global_state.values()))
         result = self.train(global_state, budget, ann.round)

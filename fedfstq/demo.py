@@ -22,11 +22,12 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from workload.data import DEFAULT_LANGUAGES
+
 __all__ = ["add_arguments", "main"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LANGUAGES = ("english", "spanish", "italian", "portuguese", "german", "indonesian")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

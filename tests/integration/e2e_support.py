@@ -18,7 +18,7 @@ import itertools
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -36,7 +36,7 @@ from broker.messages import UploadChunk, UploadManifest
 from broker.mqtt import MqttClient
 from broker.settings import MqttSettings
 from broker.topics import UploadTopic, parse_topic
-from broker.transport import Completion, Message, PublishHandle, PublishWaitMixin, Will
+from broker.transport import Completion, DelegatingTransport, Message, PublishHandle, Will
 from edge_agent.agent import EdgeAgent
 from edge_agent.outbox import Outbox, OutboxEntry
 from edge_agent.settings import AgentSettings
@@ -198,61 +198,13 @@ class OffsetClock:
 # -- transport wrappers ---------------------------------------------------------------------
 
 
-class _Delegating(PublishWaitMixin):
+class _Delegating(DelegatingTransport):
     """A ``Transport`` forwarding everything to a real ``MqttClient``."""
 
+    inner: MqttClient
+
     def __init__(self, inner: MqttClient) -> None:
-        self.inner = inner
-
-    @property
-    def is_connected(self) -> bool:
-        return self.inner.is_connected
-
-    def __enter__(self) -> Self:
-        self.connect()
-        return self
-
-    def __exit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    def connect(self, timeout: float | None = 10.0) -> None:
-        self.inner.connect(timeout)
-
-    def close(self) -> None:
-        self.inner.close()
-
-    def abort(self) -> None:
-        self.inner.abort()
-
-    def publish(
-        self,
-        topic: str,
-        payload: bytes,
-        *,
-        qos: int = 1,
-        retain: bool = False,
-        expiry_s: int | None = None,
-        user_properties: Sequence[tuple[str, str]] = (),
-    ) -> PublishHandle:
-        return self.inner.publish(
-            topic, payload, qos=qos, retain=retain, expiry_s=expiry_s,
-            user_properties=user_properties,
-        )  # fmt: skip
-
-    def subscribe(self, topic_filter: str, qos: int = 1, *, timeout: float | None = 10.0) -> None:
-        self.inner.subscribe(topic_filter, qos, timeout=timeout)
-
-    def unsubscribe(self, topic_filter: str) -> None:
-        self.inner.unsubscribe(topic_filter)
-
-    def receive(self, timeout: float | None = None) -> Message | None:
-        return self.inner.receive(timeout)
-
-    def messages(self, idle_timeout: float | None = None) -> Iterator[Message]:
-        while (msg := self.receive(idle_timeout)) is not None:
-            yield msg
+        super().__init__(inner)
 
 
 def _is_upload(topic: str) -> bool:

@@ -1,0 +1,164 @@
+"""What the fleet runner puts between a logical device and its real MQTT client.
+
+* :class:`FleetClock` — one clock for the aggregator and every device: wall time plus an offset
+  the runner moves forward when nothing but a deadline is left to wait for (a round whose
+  non-dropped clients have all finished waits for its dropouts only until the deadline; the
+  runner skips that idle wait instead of sleeping through it). Services never see time go back.
+* :func:`dropout_fate` — whether a device drops out of a round, and how: ``silent`` (it never
+  answers the announcement) or ``halfway`` (its link dies after half of the upload's chunks).
+  A pure function of (seed, round, device), so every device decides on its own, in its thread,
+  at the moment the announcement arrives, and a rerun drops the same devices.
+* :class:`FleetWire` — the device's transport: applies the fate and counts what the device
+  publishes on its upload topic per round (MQTT packet bytes, re-sends included), which is what
+  the round-time model charges to the device's link.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import numpy as np
+
+from broker.codec import decode, peek_kind
+from broker.errors import TopicError, WireError
+from broker.framing import publish_size
+from broker.messages import RoundAnnouncement, UploadManifest
+from broker.topics import RoundTopic, UploadTopic, parse_topic
+from broker.transport import Completion, DelegatingTransport, Message, PublishHandle, Transport
+
+__all__ = ["Fate", "FleetClock", "FleetWire", "dropout_fate"]
+
+Fate = Literal["ok", "silent", "halfway"]
+
+
+class FleetClock:
+    """Unix time plus a forward-only offset (thread-safe)."""
+
+    def __init__(self, wall: Callable[[], float] = time.time) -> None:
+        self._wall = wall
+        self._offset = 0.0
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        return self._wall() + self._offset
+
+    @property
+    def skipped_s(self) -> float:
+        """Seconds of idle waiting skipped so far."""
+        return self._offset
+
+    def advance_to(self, t: float) -> float:
+        """Move the clock forward to at least ``t``; returns the seconds skipped (>= 0)."""
+        with self._lock:
+            gap = t - (self._wall() + self._offset)
+            if gap <= 0:
+                return 0.0
+            self._offset += gap
+            return gap
+
+
+def dropout_fate(seed: int, round_id: int, device_index: int, rate: float) -> Fate:
+    """Each device drops out of a round with probability ``rate``, half of them halfway."""
+    if rate <= 0:
+        return "ok"
+    u, how = np.random.default_rng([seed, round_id, device_index, 0xD7]).random(2)
+    if u >= rate:
+        return "ok"
+    return "silent" if how < 0.5 else "halfway"
+
+
+class FleetWire(DelegatingTransport):
+    """A device's MQTT client as the fleet runner sees it (see the module docstring)."""
+
+    def __init__(self, inner: Transport, fate: Callable[[int], Fate]) -> None:
+        super().__init__(inner)
+        self._fate = fate
+        self._lock = threading.Lock()
+        self._upload_bytes: defaultdict[int, int] = defaultdict(int)
+        self._chunks_sent: defaultdict[int, int] = defaultdict(int)
+        self._chunk_count: dict[int, int] = {}
+        #: Rounds this device dropped out of, and how.
+        self.dropped: dict[int, Fate] = {}
+
+    def upload_bytes(self, round_id: int) -> int:
+        """MQTT PUBLISH bytes this device sent on its upload topic for ``round_id``."""
+        with self._lock:
+            return self._upload_bytes.get(round_id, 0)
+
+    def receive(self, timeout: float | None = None) -> Message | None:
+        msg = self.inner.receive(timeout)
+        if msg is None or not msg.payload or not _is_topic(msg.topic, RoundTopic):
+            return msg
+        try:
+            ann = decode(msg.payload, expect=RoundAnnouncement)
+        except WireError:
+            return msg  # the agent logs and drops it
+        if self._fate(ann.round) == "silent":
+            with self._lock:
+                self.dropped[ann.round] = "silent"
+            return None  # as if the device were off the air for this round
+        return msg
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        expiry_s: int | None = None,
+        user_properties: Sequence[tuple[str, str]] = (),
+    ) -> PublishHandle:
+        round_id = _upload_round(topic)
+        if round_id is not None and self._link_dead(round_id, payload):
+            # The link died mid-upload: nothing more of this round's upload leaves the device.
+            return PublishHandle(0, topic, len(payload), Completion())
+        if round_id is not None:
+            size = publish_size(
+                topic, payload, qos, expiry_s=expiry_s, user_properties=user_properties
+            )
+            with self._lock:
+                self._upload_bytes[round_id] += size
+        return self.inner.publish(
+            topic, payload, qos=qos, retain=retain, expiry_s=expiry_s,
+            user_properties=user_properties,
+        )  # fmt: skip
+
+    def _link_dead(self, round_id: int, payload: bytes) -> bool:
+        if self._fate(round_id) != "halfway":
+            return False
+        try:
+            kind = peek_kind(payload)
+            if kind == "up.manifest":
+                count = decode(payload, expect=UploadManifest).chunk_count
+                with self._lock:
+                    self._chunk_count.setdefault(round_id, count)
+        except WireError:
+            return False
+        with self._lock:
+            limit = self._chunk_count.get(round_id, 0) // 2
+            if self._chunks_sent[round_id] >= limit:
+                self.dropped[round_id] = "halfway"
+                return True
+            if kind == "up.chunk":
+                self._chunks_sent[round_id] += 1
+        return False
+
+
+def _is_topic(topic: str, family: type) -> bool:
+    try:
+        return isinstance(parse_topic(topic), family)
+    except TopicError:
+        return False
+
+
+def _upload_round(topic: str) -> int | None:
+    try:
+        parsed = parse_topic(topic)
+    except TopicError:
+        return None
+    return parsed.round if isinstance(parsed, UploadTopic) else None

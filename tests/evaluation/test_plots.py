@@ -1,0 +1,89 @@
+from __future__ import annotations
+
+import struct
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from evaluation.plots import plot_quality_vs_bytes, plot_quality_vs_time, quality_figure
+from evaluation.targets import RunRecordError
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+Plot = Callable[[dict[str, Any], str, Path], Path]
+
+
+def _synthetic_run(methods: dict[str, tuple[int, float]], rounds: int = 6) -> dict[str, Any]:
+    """Loss falling by 0.05 a round; each method spends (bytes, seconds) per round."""
+    return {
+        "target": {"metric": "loss", "value": 3.4, "higher_is_better": False, "rule": "test"},
+        "methods": {
+            name: {"rounds": [
+                {"round": r, "uplink_wire_bytes": wire * (r > 0), "round_time_s": secs * (r > 0),
+                 "eval": {"loss": 3.6 - 0.05 * r, "accuracy": 0.3 + 0.01 * r}}
+                for r in range(rounds + 1)
+            ]}
+            for name, (wire, secs) in methods.items()
+        },
+    }  # fmt: skip
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC and data[12:16] == b"IHDR"
+    assert len(data) > 10_000  # axes, lines and text, not an empty canvas
+    width, height = struct.unpack(">II", data[16:24])
+    return width, height
+
+
+RUN = _synthetic_run({"dense_fp16": (2_400_000, 8.0), "fstq": (20_000, 2.5), "qsgd": (600_000, 4)})
+
+
+@pytest.mark.parametrize("plot", [plot_quality_vs_bytes, plot_quality_vs_time])
+@pytest.mark.parametrize("metric", ["loss", "accuracy"])
+def test_plot_writes_a_png(tmp_path: Path, plot: Plot, metric: str) -> None:
+    out = plot(RUN, metric, tmp_path / "figs" / f"{metric}.png")  # creates the folder
+    assert out == tmp_path / "figs" / f"{metric}.png"
+    assert _png_size(out) == (840, 540)  # 7 x 4.5 in at 120 dpi
+
+
+def test_figure_has_one_line_per_method_and_the_target() -> None:
+    ax = quality_figure(RUN, "loss", "bytes").axes[0]
+    lines = {ln.get_label(): ln for ln in ax.get_lines()}
+    assert list(lines) == ["dense_fp16", "fstq", "qsgd", "target"]
+    assert ax.get_xscale() == "log"
+    fstq_bytes = np.asarray(lines["fstq"].get_xdata()).tolist()
+    assert fstq_bytes == [20_000.0 * r for r in range(1, 7)]  # round 0 (0 B) left out
+    assert np.asarray(lines["target"].get_ydata()).tolist() == [3.4, 3.4]
+    timed = quality_figure(RUN, "accuracy", "time").axes[0]
+    assert [ln.get_label() for ln in timed.get_lines()] == ["dense_fp16", "fstq", "qsgd"]
+    assert timed.get_xscale() == "linear"
+    assert np.asarray(timed.get_lines()[1].get_xdata()).tolist() == [2.5 * r for r in range(7)]
+
+
+@pytest.mark.parametrize("plot", [plot_quality_vs_bytes, plot_quality_vs_time])
+def test_plot_copes_with_missing_evaluations_and_no_target(tmp_path: Path, plot: Plot) -> None:
+    run = _synthetic_run({"dense_fp16": (1000, 1.0), "empty": (0, 0.0)})
+    del run["target"]
+    run["methods"]["empty"]["rounds"] = []
+    del run["methods"]["dense_fp16"]["rounds"][2]["eval"]
+    _png_size(plot(run, "rouge_l", tmp_path / "none.png"))  # no method has the metric
+    _png_size(plot(run, "loss", tmp_path / "some.png"))
+
+
+def test_plot_rejects_a_record_without_methods(tmp_path: Path) -> None:
+    with pytest.raises(RunRecordError, match="methods"):
+        plot_quality_vs_bytes({"target": None}, "loss", tmp_path / "x.png")
+
+
+def test_module_imports_without_matplotlib_or_a_display() -> None:
+    code = "import sys, evaluation.plots; print('matplotlib' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )  # fmt: skip
+    assert out.stdout.strip() == "False"
