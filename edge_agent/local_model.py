@@ -238,6 +238,7 @@ class LocalModel:
         meta: dict[str, Scalar] = {
             "tokens_kept": round(result.tokens_kept, 6),
             "compute_s": round(result.compute_s, 3),
+            "cpu_s": round(result.cpu_s, 3),
         }
         if math.isfinite(result.train_loss):  # metadata refuses NaN
             meta["train_loss"] = round(result.train_loss, 6)

@@ -43,7 +43,10 @@ class TrainResult:
 
     update: CompressedUpdate
     sample_count: int
-    compute_s: float  # local training + compression wall time (the round-time model uses it)
+    compute_s: float  # local training + compression wall time
+    #: CPU seconds of the process over the same span (all torch threads): unlike wall time it
+    #: does not grow when other work shares the cores, so the evaluation's round time uses it.
+    cpu_s: float
     train_loss: float  # mean loss over the round's steps
     tokens_kept: float  # share of target tokens kept by the token mask
 
@@ -79,7 +82,7 @@ class LocalTrainer:
         rng: np.random.Generator,
     ) -> TrainResult:
         """Load the global adapter, run `spec.steps` local steps, return the compressed delta."""
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         set_adapter_state(self.model, global_state)
         self.model.train()
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -116,6 +119,7 @@ class LocalTrainer:
             update=update,
             sample_count=len(self.examples),
             compute_s=time.perf_counter() - start,
+            cpu_s=time.process_time() - cpu_start,
             train_loss=float(np.mean(losses)) if losses else float("nan"),
             tokens_kept=kept,
         )

@@ -52,6 +52,8 @@ class MethodSummary:
     bytes_ratio: float | None  # dense / method, uplink wire bytes to target
     time_ratio: float | None  # dense / method, simulated time to target
     total_uplink_wire_bytes: int  # all rounds
+    total_resent_bytes: int  # all rounds: duplicate chunks the aggregator received
+    total_downlink_wire_bytes: int  # all rounds: global adapter chunks sent to devices
     total_time_s: float  # all rounds
     mean_payload_bytes: float | None  # per arrived client per round
     payload_ratio: float | None  # dense / method, mean payload
@@ -110,11 +112,21 @@ def _method(name: str, rec: Mapping[str, Any], target: Target | None) -> MethodS
         bytes_ratio=None,
         time_ratio=None,
         total_uplink_wire_bytes=steps[-1].uplink_wire_bytes if steps else 0,
+        total_resent_bytes=_total(name, rounds, "uplink_resent_bytes"),
+        total_downlink_wire_bytes=_total(name, rounds, "downlink_wire_bytes"),
         total_time_s=steps[-1].time_s if steps else 0.0,
         mean_payload_bytes=_mean_payload(name, rounds),
         payload_ratio=None,
         agent_peak_rss_mb=None if rss is None else float(rss),
     )
+
+
+def _total(name: str, rounds: Sequence[Mapping[str, Any]], key: str) -> int:
+    """Sum of an optional per-round byte count (absent = 0)."""
+    values = [r.get(key, 0) for r in rounds]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise RunRecordError(f"method {name!r}: {key} must be integers")
+    return sum(values)
 
 
 def _mean_payload(name: str, rounds: Sequence[Mapping[str, Any]]) -> float | None:
@@ -250,6 +262,8 @@ def _traffic_table(s: Summary) -> str:
         "mean payload / client / round",
         "dense / method",
         "total uplink",
+        "of which re-sent",
+        "total downlink",
         "total simulated time",
         "peak agent RSS",
     ]
@@ -259,6 +273,8 @@ def _traffic_table(s: Summary) -> str:
             _bytes(m.mean_payload_bytes),
             _times(m.payload_ratio),
             _bytes(m.total_uplink_wire_bytes),
+            _bytes(m.total_resent_bytes),
+            _bytes(m.total_downlink_wire_bytes),
             f"{m.total_time_s:,.1f} s",
             _NONE if m.agent_peak_rss_mb is None else f"{m.agent_peak_rss_mb:,.0f} MB",
         ]

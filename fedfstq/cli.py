@@ -35,6 +35,18 @@ def _bench_codec(args: argparse.Namespace) -> int:
     return bench_codec.main(args)
 
 
+def _bench_inference(args: argparse.Namespace) -> int:
+    from fedfstq import bench_inference
+
+    return bench_inference.main(args)
+
+
+def _bench_fleet(args: argparse.Namespace) -> int:
+    from fedfstq import bench_fleet
+
+    return bench_fleet.main(args)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from fedfstq import demo
 
@@ -94,6 +106,20 @@ def _build_parser() -> argparse.ArgumentParser:
 
     bench_codec.add_arguments(codec)
     codec.set_defaults(func=_bench_codec)
+    inference = bench_sub.add_parser(
+        "inference", help="token reduction at inference: speedup and quality vs keep ratio"
+    )
+    from fedfstq import bench_inference
+
+    bench_inference.add_arguments(inference)
+    inference.set_defaults(func=_bench_inference)
+    fleet = bench_sub.add_parser(
+        "fleet", help="the evaluation fleet: methods compared on bytes and time to target"
+    )
+    from fedfstq import bench_fleet
+
+    bench_fleet.add_arguments(fleet)
+    fleet.set_defaults(func=_bench_fleet)
     return parser
 
 

@@ -29,7 +29,6 @@ __all__ = ["add_arguments", "main"]
 log = logging.getLogger(__name__)
 
 
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clients", type=int, default=3, help="edge agent processes (default 3)")
     p.add_argument("--rounds", type=int, default=3, help="federated rounds (default 3)")

@@ -1,15 +1,16 @@
-"""Held-out quality: answer-token loss and accuracy, and ROUGE-L for generated answers."""
+"""Held-out quality: answer-token loss and accuracy, greedy batched generation, ROUGE-L."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from workload.batches import IGNORE, Example, collate
+from workload.batches import IGNORE, Example, collate, encode_prompt
 
-__all__ = ["Quality", "answer_metrics", "rouge_l"]
+__all__ = ["Quality", "answer_metrics", "generate_answers", "generate_tokens", "rouge_l"]
 
 
 @dataclass(frozen=True)
@@ -75,3 +76,79 @@ def rouge_l(prediction: str, reference: str) -> float:
         return 0.0
     prec, rec = lcs / len(p), lcs / len(r)
     return 2 * prec * rec / (prec + rec)
+
+
+def _as_ids(tokenizer: Any, prompt: str | Sequence[int]) -> list[int]:
+    ids = encode_prompt(tokenizer, prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
+    if not ids:
+        raise ValueError("cannot generate from an empty prompt")
+    return ids
+
+
+@torch.no_grad()
+def generate_tokens(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str | Sequence[int]],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 8,
+    logits_processor: Sequence[Any] = (),
+) -> list[list[int]]:
+    """Greedy continuations, batched: the new token ids of each prompt, cut before the first EOS.
+
+    A prompt is a question (chat-formatted with :func:`workload.batches.encode_prompt`) or
+    already-tokenised ids used as they are (e.g. a prompt reduced by ``fstq.inference``). Batches
+    are left-padded with an attention mask, so every row continues right after its last token.
+    The generation settings are explicit (not the model's ``generation_config``), so the result
+    depends only on the model, the prompts and ``batch_size``. ``logits_processor`` adds
+    ``transformers`` logits processors (called once per generated token, e.g. a step clock).
+    """
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    if max_new_tokens < 1 or batch_size < 1:
+        raise ValueError(
+            f"need max_new_tokens >= 1 and batch_size >= 1, got {max_new_tokens}, {batch_size}"
+        )
+    eos, pad = int(tokenizer.eos_token_id), int(tokenizer.pad_token_id)
+    config = GenerationConfig(  # type: ignore[no-untyped-call]
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        eos_token_id=eos,
+        pad_token_id=pad,
+    )
+    was_training = model.training
+    model.eval()
+    out: list[list[int]] = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            rows = [_as_ids(tokenizer, p) for p in prompts[start : start + batch_size]]
+            batch = collate([Example(r, [IGNORE] * len(r)) for r in rows], pad, left_pad=True)
+            ids = batch["input_ids"]
+            generated = model.generate(
+                input_ids=ids,
+                attention_mask=batch["attention_mask"],
+                generation_config=config,
+                logits_processor=LogitsProcessorList(logits_processor),
+            )
+            for row in generated[:, ids.shape[1] :].tolist():
+                out.append(row[: row.index(eos)] if eos in row else row)
+    finally:
+        model.train(was_training)
+    return out
+
+
+def generate_answers(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str | Sequence[int]],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 8,
+) -> list[str]:
+    """Greedy answers (decoded :func:`generate_tokens`, special tokens skipped, stripped)."""
+    tokens = generate_tokens(
+        model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size
+    )
+    return [tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]

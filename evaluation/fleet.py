@@ -1,0 +1,478 @@
+"""The fleet runner: many logical edge agents in one process against the real aggregator.
+
+Every device is a real :class:`~edge_agent.agent.EdgeAgent` with its own client id, MQTT
+connection, data partition, token scores, residual and on-disk outbox; they share one frozen
+base model (:class:`~edge_agent.shared_model.SharedBaseModel`). The aggregator is the real
+service, stepped by this thread, and they talk through a real Mosquitto. Per round, each
+selected device may drop out (:func:`~evaluation.fleet_wire.dropout_fate`); the runner skips the
+idle wait for dropouts up to the deadline (:class:`~evaluation.fleet_wire.FleetClock`), then
+evaluates the new global adapter and charges the round its simulated time: the FedScale way,
+the slowest arrived device's measured compute time plus its upload bytes over its link rate,
+plus the server's measured close time.
+
+One run of :func:`run_method` is one method from the same initial adapter, data split and
+seeds; :func:`run_fleet` runs several methods and returns the run record (schema in
+``evaluation/README.md``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import re
+import shutil
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from aggregator.service import Aggregator
+from aggregator.settings import AggregatorSettings
+from broker.local import LocalBroker
+from broker.mqtt import MqttClient
+from broker.settings import MqttSettings
+from broker.transport import Transport, Will
+from edge_agent.agent import EdgeAgent
+from edge_agent.settings import AgentSettings
+from edge_agent.shared_model import SharedBaseModel
+from evaluation.fleet_wire import Fate, FleetClock, FleetWire, dropout_fate
+from evaluation.links import LinkProfile, lognormal_links
+from evaluation.quality import HeldOut, evaluate_adapter
+from evaluation.round_time import ClientTiming, round_time
+from fstq.adapter_state import get_adapter_state
+from workload.data import DEFAULT_LANGUAGES, FederatedSplit, federated_split, load_chatterbot
+from workload.data import write_jsonl as write_pairs
+from workload.models import LoraSpec, load_base_model
+
+__all__ = ["METHODS", "FleetConfig", "FleetError", "compression_for", "run_fleet", "run_method"]
+
+log = logging.getLogger(__name__)
+
+#: The compared methods (issue 4): compression settings of the agents; ``budgeted`` ones get the
+#: matched per-round byte budget, the others send what their method makes.
+METHODS: dict[str, dict[str, Any]] = {
+    "dense_fp16": {"method": "dense_fp16"},
+    "qsgd": {"method": "qsgd", "qsgd_bits": 4},
+    "topk_ef": {"method": "topk", "error_feedback": True, "budgeted": True},
+    "fstq": {"method": "fstq", "budgeted": True},
+    "fstq_percentile": {"method": "fstq", "allocation": "percentile", "budgeted": True},
+    "fstq_ef": {"method": "fstq", "error_feedback": True, "budgeted": True},
+    "fstq_stochastic": {"method": "fstq", "rounding": "stochastic", "budgeted": True},
+}
+
+
+#: Threads torch trains with; CPU seconds / this = the wall time of the same work on idle cores.
+_THREADS = max(1, torch.get_num_threads())
+
+
+class FleetError(RuntimeError):
+    """The fleet could not finish a run (a round made no progress within its wall limit)."""
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    """One evaluation setting; every method of a run shares it (and so its seeds and data)."""
+
+    clients: int = 100
+    per_round: int = 10
+    rounds: int = 10
+    alpha: float = 0.1
+    dropout: float = 0.1
+    seed: int = 0
+    model: str = "smollm2"
+    model_cache_dir: Path | None = None
+    partition_by: str = "language"
+    languages: tuple[str, ...] = DEFAULT_LANGUAGES
+    examples_per_client: int | None = 64
+    held_out: int = 96
+    generation_examples: int = 16
+    max_new_tokens: int = 24
+    eval_batch_size: int = 16
+    steps: int = 5
+    batch_size: int = 4
+    max_len: int = 64
+    lr: float = 5e-4
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    #: Matched budget of the budgeted methods, as a share of the dense fp16 update.
+    budget_fraction: float = 0.125
+    quorum_fraction: float = 0.5
+    chunk_size: int = 64 * 1024
+    #: Log-normal uplink rates (evaluation.links) unless a trace is given.
+    link_median_mbps: float = 4.0
+    link_sigma: float = 1.0
+    link_lo_mbps: float = 0.5
+    link_hi_mbps: float = 20.0
+    #: Give up on a round that has not closed after this much real time.
+    round_wall_limit_s: float = 1800.0
+
+    def record(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["model_cache_dir"] = str(self.model_cache_dir) if self.model_cache_dir else None
+        return out
+
+    @property
+    def lora(self) -> LoraSpec:
+        return LoraSpec(r=self.lora_r, alpha=self.lora_alpha, target_modules=self.lora_targets)
+
+
+def compression_for(label: str, budget_bytes: int) -> dict[str, Any]:
+    """The agents' ``compression`` settings of method ``label`` at the matched budget."""
+    if label not in METHODS:
+        raise ValueError(f"unknown method {label!r}; known: {', '.join(METHODS)}")
+    spec = dict(METHODS[label])
+    if spec.pop("budgeted", False):
+        spec.update(budget_mode="fixed", budget_bytes=budget_bytes)
+    return spec
+
+
+@dataclass
+class Fleet:
+    """What every method of a run shares: broker, model, data, links, held-out set."""
+
+    config: FleetConfig
+    workdir: Path
+    broker: LocalBroker
+    shared: SharedBaseModel
+    split: FederatedSplit
+    held_out: HeldOut
+    links: dict[str, LinkProfile]
+    names: list[str] = field(default_factory=list)
+
+    @property
+    def dense_fp16_bytes(self) -> int:
+        with self.shared.lock:
+            model = self.shared.peft_model(self.config.lora, seed=self.config.seed)
+            return 2 * sum(t.numel() for t in get_adapter_state(model).values())
+
+    @property
+    def budget_bytes(self) -> int:
+        return math.ceil(self.config.budget_fraction * self.dense_fp16_bytes)
+
+
+def prepare(
+    config: FleetConfig,
+    workdir: Path,
+    broker: LocalBroker,
+    links: dict[str, LinkProfile] | None = None,
+) -> Fleet:
+    """Load the model once, split the data (seeded), draw the links, tokenise the held-out set."""
+    rng = np.random.default_rng(config.seed)
+    pairs = load_chatterbot(config.languages)
+    split = federated_split(
+        pairs, config.clients, config.alpha, rng, by=config.partition_by,
+        max_per_client=config.examples_per_client, max_test=config.held_out,
+    )  # fmt: skip
+    names = [f"c{i:03d}" for i in range(config.clients)]
+    if links is None:
+        links = lognormal_links(
+            names, np.random.default_rng([config.seed, 1]), median_mbps=config.link_median_mbps,
+            sigma=config.link_sigma, lo_mbps=config.link_lo_mbps, hi_mbps=config.link_hi_mbps,
+        )  # fmt: skip
+    base, tokenizer = load_base_model(config.model, config.model_cache_dir)
+    shared = SharedBaseModel(base, tokenizer)
+    held_out = HeldOut.build(
+        tokenizer, split.test, by=config.partition_by, max_len=config.max_len,
+        generation_examples=config.generation_examples, rng=np.random.default_rng([config.seed, 2]),
+    )  # fmt: skip
+    return Fleet(config, workdir, broker, shared, split, held_out, links, names)
+
+
+def _fleet_id(label: str, seed: int) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", f"eval-{label}-s{seed}")[:64]
+
+
+def _aggregator_settings(fleet: Fleet, label: str, root: Path) -> AggregatorSettings:
+    c = fleet.config
+    return AggregatorSettings.model_validate(
+        {
+            "fleet": _fleet_id(label, c.seed),
+            "state_dir": root / "aggregator",
+            "model": c.model,
+            "model_cache_dir": c.model_cache_dir,
+            "mqtt": {"host": fleet.broker.host, "port": fleet.broker.port},
+            "lora": {"r": c.lora_r, "alpha": c.lora_alpha, "target_modules": c.lora_targets},
+            "init_seed": c.seed,
+            "chunk_size": c.chunk_size,
+            "rounds": {
+                "clients_per_round": c.per_round,
+                # Every device is up before round 1, so selection is uniform over the whole fleet.
+                "min_clients": c.clients,
+                "quorum": max(1, math.ceil(c.quorum_fraction * c.per_round)),
+                # Deadlines are for dropouts only: the runner skips the idle wait (FleetClock).
+                "round_timeout_s": 3600.0,
+                "heartbeat_ttl_s": 1e9,
+                "max_rounds": c.rounds,
+                "selection_seed": c.seed,
+            },
+            "poll_s": 0.02,
+            "health_interval_s": 60.0,
+        }
+    )
+
+
+def _agent_settings(
+    fleet: Fleet, label: str, root: Path, index: int, budget_bytes: int
+) -> AgentSettings:
+    c, name = fleet.config, fleet.names[index]
+    home = root / "devices" / name
+    home.mkdir(parents=True, exist_ok=True)
+    data = home / "data.jsonl"
+    write_pairs(data, fleet.split.clients[index])
+    training = {"steps": c.steps, "batch_size": c.batch_size, "max_len": c.max_len, "lr": c.lr}
+    return AgentSettings.model_validate(
+        {
+            "client_id": name,
+            "fleet": _fleet_id(label, c.seed),
+            "data_path": data,
+            "state_dir": home / "state",
+            "model": c.model,
+            "model_cache_dir": c.model_cache_dir,
+            "mqtt": {"host": fleet.broker.host, "port": fleet.broker.port},
+            "training": {**training, "seed": c.seed},
+            "compression": compression_for(label, budget_bytes),
+            "heartbeat_s": 30.0,
+            "ack_timeout_s": 15.0,
+            "fetch_timeout_s": 15.0,
+            "broker_wait_s": 60.0,
+        }
+    )
+
+
+def _transport(index: int, seed: int, rate: float) -> Callable[[MqttSettings, Will], FleetWire]:
+    def fate(round_id: int) -> Fate:
+        return dropout_fate(seed, round_id, index, rate)
+
+    def make(settings: MqttSettings, will: Will) -> FleetWire:
+        return FleetWire(MqttClient(settings, will=will), fate)
+
+    return make
+
+
+def run_method(
+    fleet: Fleet,
+    label: str,
+    *,
+    into: dict[str, Any] | None = None,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Run ``config.rounds`` rounds of method ``label``; returns its run-record entry.
+
+    The entry is filled in as rounds end (``into``, if given, is that entry), so a caller can
+    save a run that is still going from ``on_round``.
+    """
+    c = fleet.config
+    root = fleet.workdir / label
+    shutil.rmtree(root, ignore_errors=True)
+    clock = FleetClock()
+    budget = fleet.budget_bytes
+    out = {} if into is None else into
+    rounds: list[dict[str, Any]] = []
+    out.update(
+        method=METHODS[label]["method"],
+        options={k: v for k, v in compression_for(label, budget).items() if k != "method"},
+        budget_bytes=budget if METHODS[label].get("budgeted") else None,
+        dense_fp16_bytes=fleet.dense_fp16_bytes,
+        rounds=rounds,
+    )
+    agg = Aggregator(_aggregator_settings(fleet, label, root), clock=clock)
+    wires: dict[str, FleetWire] = {}
+    agents: dict[str, EdgeAgent] = {}
+    for i, name in enumerate(fleet.names):
+        make = _transport(i, c.seed, c.dropout)
+
+        def factory(
+            settings: MqttSettings,
+            will: Will,
+            name: str = name,
+            make: Callable[[MqttSettings, Will], FleetWire] = make,
+        ) -> Transport:
+            wire = wires[name] = make(settings, will)
+            return wire
+
+        agents[name] = EdgeAgent(
+            _agent_settings(fleet, label, root, i, budget), transport_factory=factory,
+            clock=clock, seed=c.seed * 100_003 + i, shared_model=fleet.shared,
+        )  # fmt: skip
+    stop = threading.Event()
+    threads = [
+        threading.Thread(target=a.run, args=(stop,), name=f"agent-{n}", daemon=True)
+        for n, a in agents.items()
+    ]
+    agg.start()
+    try:
+        rounds.append(_initial_record(fleet, agg))
+        if on_round is not None:
+            on_round(rounds[0])
+        for t in threads:
+            t.start()
+        for rec in _drive(fleet, agg, agents, clock):
+            entry = _round_entry(fleet, agg, rec, agents, wires)
+            rounds.append(entry)
+            if on_round is not None:
+                on_round(entry)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+        agg.close()
+        out["skipped_wait_s"] = clock.skipped_s
+    return out
+
+
+def _drive(fleet: Fleet, agg: Aggregator, agents: dict[str, EdgeAgent], clock: FleetClock) -> Any:
+    """Step the aggregator until it is done; yield each round record as the round ends."""
+    c = fleet.config
+    index = {n: i for i, n in enumerate(fleet.names)}
+    seen: object = None
+    opened_wall = time.monotonic()
+    open_id: int | None = None
+    while not agg.finished:
+        agg.step(0.02)
+        rnd = agg.rounds.round
+        if rnd is not None:
+            if rnd.round_id != open_id:
+                open_id, opened_wall = rnd.round_id, time.monotonic()
+            state = rnd.state
+            waiting = [
+                n
+                for n in state.selected - state.arrived
+                if dropout_fate(c.seed, state.round_id, index[n], c.dropout) == "ok"
+                and not _finished(agents[n], state.round_id)
+            ]
+            if not waiting and clock() < state.deadline:
+                skipped = clock.advance_to(state.deadline + 0.001)
+                log.info("round %d: only dropouts left; skipped %.0f s to the deadline",
+                         state.round_id, skipped)  # fmt: skip
+            if time.monotonic() - opened_wall > c.round_wall_limit_s:
+                raise FleetError(
+                    f"round {state.round_id} still open after {c.round_wall_limit_s:.0f} s "
+                    f"(waiting for {sorted(waiting)})"
+                )
+        rec = agg.rounds.last_record
+        if rec is not None and rec is not seen:
+            seen = rec
+            yield rec
+
+
+def _finished(agent: EdgeAgent, round_id: int) -> bool:
+    return any(r.entry.round_id == round_id for r in agent.reports)
+
+
+def _evaluate(fleet: Fleet, agg: Aggregator) -> dict[str, Any]:
+    c = fleet.config
+    with fleet.shared.lock:
+        model = fleet.shared.peft_model(c.lora, seed=c.seed)
+        return evaluate_adapter(
+            model, fleet.shared.tokenizer, agg.rounds.current.master, fleet.held_out,
+            batch_size=c.eval_batch_size, max_new_tokens=c.max_new_tokens,
+        )  # fmt: skip
+
+
+def _initial_record(fleet: Fleet, agg: Aggregator) -> dict[str, Any]:
+    return {
+        "round": 0, "status": "initial", "selected": [], "arrived": [], "dropped": [],
+        "uplink_wire_bytes": 0, "uplink_payload_bytes": 0, "uplink_resent_bytes": 0,
+        "downlink_wire_bytes": 0, "clients": [], "server_s": 0.0, "round_time_s": 0.0,
+        "eval": _evaluate(fleet, agg),
+    }  # fmt: skip
+
+
+def _round_entry(
+    fleet: Fleet,
+    agg: Aggregator,
+    rec: dict[str, Any],
+    agents: dict[str, EdgeAgent],
+    wires: dict[str, FleetWire],
+) -> dict[str, Any]:
+    r = rec["round"]
+    arrived = set(rec["arrived"])
+    # The round can close before the last arrived device has read its ack (and recorded the
+    # upload's compute time): give the acks a moment.
+    give_up = time.monotonic() + 30.0
+    while not all(_finished(agents[n], r) for n in arrived) and time.monotonic() < give_up:
+        time.sleep(0.02)
+    clients: list[dict[str, Any]] = []
+    timings: list[ClientTiming] = []
+    c = fleet.config
+    for name in rec["selected"]:
+        fate = dropout_fate(c.seed, r, fleet.names.index(name), c.dropout)
+        report = next((x for x in agents[name].reports if x.entry.round_id == r), None)
+        meta = report.entry.metadata if report is not None else {}
+        wall, cpu = meta.get("compute_s"), meta.get("cpu_s")
+        link = fleet.links[name]
+        wire = wires[name].upload_bytes(r) if name in wires else 0
+        row = {
+            "client": name,
+            # Contention-robust compute time: CPU seconds over the torch threads that share
+            # them (the wall time, kept as measured_s, grows with whatever else runs here).
+            "compute_s": float(cpu) / _THREADS if isinstance(cpu, int | float) else None,
+            "measured_s": float(wall) if isinstance(wall, int | float) else None,
+            "wire_bytes": wire,
+            "payload_bytes": rec["clients"].get(name, {}).get("bytes", 0),
+            "rate_bps": link.uplink_bps,
+            "arrived": name in arrived,
+            # From the fate, not the wire: a halfway device may still be on its way to the
+            # point where its link dies when the round closes without it.
+            "dropped": None if fate == "ok" else fate,
+        }
+        clients.append(row)
+        if name in arrived and row["compute_s"] is not None:
+            timings.append(ClientTiming(row["compute_s"], wire, link.uplink_bps))
+    server_s = float(rec.get("close_s", 0.0))
+    return {
+        "round": r,
+        "status": rec["status"],
+        "selected": rec["selected"],
+        "arrived": rec["arrived"],
+        "dropped": sorted(row["client"] for row in clients if row["dropped"]),
+        "uplink_wire_bytes": rec["uplink_wire_bytes"],
+        "uplink_payload_bytes": rec["uplink_payload_bytes"],
+        "uplink_resent_bytes": rec["duplicate_bytes"],
+        "device_upload_bytes": sum(row["wire_bytes"] for row in clients),
+        "downlink_wire_bytes": rec["downlink_wire_bytes"],
+        "late": rec["late"],
+        "rejected": rec["rejected"],
+        "clients": clients,
+        "server_s": server_s,
+        "round_time_s": round_time(timings, server_s),
+        "eval": _evaluate(fleet, agg),
+    }
+
+
+def run_fleet(
+    config: FleetConfig,
+    methods: Sequence[str],
+    workdir: Path,
+    *,
+    links: dict[str, LinkProfile] | None = None,
+    on_method: Callable[[str, dict[str, Any]], None] | None = None,
+    on_round: Callable[[str, dict[str, Any], dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Run every method in ``methods`` on one fleet (own Mosquitto); returns the run record."""
+    for label in methods:
+        compression_for(label, 1)  # unknown names fail before anything starts
+    workdir.mkdir(parents=True, exist_ok=True)
+    record: dict[str, Any] = {"config": config.record(), "methods": {}}
+    with LocalBroker("dev") as broker:
+        fleet = prepare(config, workdir, broker, links)
+        record["config"]["budget_bytes"] = fleet.budget_bytes
+        record["config"]["dense_fp16_bytes"] = fleet.dense_fp16_bytes
+        record["config"]["links"] = {n: fleet.links[n].uplink_bps for n in fleet.names}
+        for label in methods:
+            log.info("fleet: method %s", label)
+            callback = None if on_round is None else partial(on_round, label, record)
+            run_method(
+                fleet, label, into=record["methods"].setdefault(label, {}), on_round=callback
+            )
+            if on_method is not None:
+                on_method(label, record)
+    return record

@@ -1,0 +1,171 @@
+"""`fedfstq bench fleet`: the evaluation fleet (issue 4) — methods compared through the service.
+
+Runs every method on one fleet (evaluation.fleet), writes the run record as JSON after each
+round (a long run that is stopped keeps what it measured), fixes the quality target (decision
+14: ``--target-value``, or the rule "95% of the dense run's improvement"), and prints the
+summary tables; ``--plots DIR`` draws quality versus uplink bytes and versus simulated time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_arguments", "main"]
+
+log = logging.getLogger(__name__)
+
+_HIGHER_IS_BETTER = {"loss": False, "accuracy": True, "rouge_l": True}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from evaluation.fleet import METHODS, FleetConfig
+
+    d = FleetConfig()
+    p.add_argument("--clients", type=int, default=d.clients)
+    p.add_argument("--per-round", type=int, default=d.per_round, help="clients selected a round")
+    p.add_argument("--rounds", type=int, default=d.rounds)
+    p.add_argument("--alpha", type=float, default=d.alpha, help="Dirichlet concentration")
+    p.add_argument("--dropout", type=float, default=d.dropout, help="per selected client")
+    p.add_argument(
+        "--methods", default=",".join(METHODS), help=f"comma-separated, of: {', '.join(METHODS)}"
+    )
+    p.add_argument(
+        "--budget", type=float, default=d.budget_fraction,
+        help="matched budget of the budgeted methods, as a share of the dense fp16 update",
+    )  # fmt: skip
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--model", default=d.model, help='"smollm2", "tiny" or a model directory')
+    p.add_argument("--steps", type=int, default=d.steps, help="local steps per round")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--max-len", type=int, default=d.max_len)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--lora-r", type=int, default=d.lora_r)
+    p.add_argument("--examples-per-client", type=int, default=d.examples_per_client)
+    p.add_argument("--held-out", type=int, default=d.held_out, help="held-out examples")
+    p.add_argument("--generation-examples", type=int, default=d.generation_examples)
+    p.add_argument("--trace", type=Path, default=None, help="link trace JSON (evaluation/links)")
+    p.add_argument("--target-metric", choices=sorted(_HIGHER_IS_BETTER), default="loss")
+    p.add_argument("--target-value", type=float, default=None, help="fixed before the run")
+    p.add_argument("--target-fraction", type=float, default=0.95)
+    p.add_argument("--no-memory", action="store_true", help="skip the per-method agent RSS")
+    p.add_argument("--workdir", type=Path, default=Path("runs/fleet"))
+    p.add_argument("--json", type=Path, default=None, help="write the run record here")
+    p.add_argument("--plots", type=Path, default=None, help="write PNG plots to this directory")
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from evaluation.fleet import FleetConfig
+
+    return FleetConfig(
+        clients=args.clients, per_round=args.per_round, rounds=args.rounds, alpha=args.alpha,
+        dropout=args.dropout, seed=args.seed, model=args.model, steps=args.steps,
+        batch_size=args.batch_size, max_len=args.max_len, lr=args.lr, lora_r=args.lora_r,
+        lora_alpha=2 * args.lora_r, examples_per_client=args.examples_per_client,
+        held_out=args.held_out, generation_examples=args.generation_examples,
+        budget_fraction=args.budget,
+    )  # fmt: skip
+
+
+def _target(args: argparse.Namespace, record: dict[str, Any]) -> dict[str, Any] | None:
+    from evaluation.targets import Target, metric_value, target_from_reference
+
+    metric, higher = args.target_metric, _HIGHER_IS_BETTER[args.target_metric]
+    if args.target_value is not None:
+        rule = "fixed before the run (--target-value)"
+        return Target(metric, args.target_value, higher, rule).to_dict()
+    dense = record["methods"].get("dense_fp16")
+    if dense is None:
+        return None
+    values = [metric_value(r, metric) for r in dense["rounds"]]
+    if len(values) < 2 or any(v is None for v in values):
+        return None  # the dense run has not trained a round yet
+    try:
+        target = target_from_reference(
+            [float(v) for v in values if v is not None], metric=metric, higher_is_better=higher,
+            fraction=args.target_fraction,
+        )  # fmt: skip
+    except ValueError as exc:
+        log.warning("no target: %s", exc)
+        return None
+    return target.to_dict()
+
+
+def _print_round(method: str, r: dict[str, Any]) -> None:
+    ev = r["eval"]
+    rouge = ev.get("rouge_l")
+    print(
+        f"{method:>16} round {r['round']:>3}: loss {ev['loss']:.4f} acc {ev['accuracy']:.4f} "
+        f"rougeL {rouge if rouge is None else f'{rouge:.4f}'} "
+        f"up {r['uplink_wire_bytes']:>10,} B  time {r['round_time_s']:8.2f} s  "
+        f"arrived {len(r['arrived'])}/{len(r['selected'])} dropped {r['dropped']}",
+        flush=True,
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    from evaluation.agent_memory import measure_peak_rss_mb
+    from evaluation.fleet import compression_for, run_fleet
+    from evaluation.links import load_trace
+    from evaluation.summary import markdown_tables, summarize
+
+    # A hundred agents log every step; the bench prints its own progress.
+    if not args.verbose:
+        logging.getLogger().setLevel(logging.WARNING)
+    config = _config(args)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    links = None
+    if args.trace is not None:
+        import numpy as np
+
+        from evaluation.links import assign_links
+
+        names = [f"c{i:03d}" for i in range(config.clients)]
+        links = assign_links(names, load_trace(args.trace), np.random.default_rng(config.seed))
+
+    record: dict[str, Any] = {}
+
+    def save(label: str, rec: dict[str, Any]) -> None:
+        record.update(rec)
+        record["target"] = _target(args, rec)
+        if args.json is not None:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(record, indent=1, allow_nan=False) + "\n")
+
+    def progress(label: str, rec: dict[str, Any], rnd: dict[str, Any]) -> None:
+        _print_round(label, rnd)
+        save(label, rec)
+
+    result = run_fleet(config, methods, args.workdir, links=links, on_method=save,
+                       on_round=progress)  # fmt: skip
+    if not args.no_memory:
+        for label in methods:
+            settings = {
+                "client_id": "memory", "data_path": args.workdir / label / "devices" / "c000"
+                / "data.jsonl", "state_dir": args.workdir / "memory" / label, "model": config.model,
+                "training": {"steps": config.steps, "batch_size": config.batch_size,
+                             "max_len": config.max_len, "lr": config.lr},
+                "compression": compression_for(label, result["config"]["budget_bytes"]),
+            }  # fmt: skip
+            lora = {"r": config.lora_r, "alpha": config.lora_alpha,
+                    "target_modules": list(config.lora_targets)}  # fmt: skip
+            rss = measure_peak_rss_mb(settings, lora, args.workdir / "memory" / label)
+            result["methods"][label]["agent_peak_rss_mb"] = rss
+            print(f"{label:>16}: agent peak RSS {rss:.0f} MB", flush=True)
+    save("", result)
+    summary = summarize(record)
+    print()
+    print(markdown_tables(summary))
+    if args.plots is not None:
+        from evaluation.plots import plot_quality_vs_bytes, plot_quality_vs_time
+
+        args.plots.mkdir(parents=True, exist_ok=True)
+        for metric in ("loss", "rouge_l"):
+            plot_quality_vs_bytes(record, metric, args.plots / f"{metric}_vs_uplink.png")
+            plot_quality_vs_time(record, metric, args.plots / f"{metric}_vs_time.png")
+        print(f"plots in {args.plots}", file=sys.stderr)
+    return 0

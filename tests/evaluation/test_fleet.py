@@ -1,0 +1,125 @@
+"""The evaluation harness end to end, scaled down: tiny model, 12 clients, 3 rounds, 2 methods.
+
+The full runs are benchmarks (`fedfstq bench fleet`, EVALUATION.md); this keeps the harness from
+rotting: a real Mosquitto, the real aggregator and real agents sharing one model, dropouts, the
+round-time model and the run record the summary and plots read.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from evaluation.fleet import FleetConfig, compression_for
+from evaluation.fleet_wire import dropout_fate
+from evaluation.round_time import ClientTiming, round_time
+from evaluation.summary import markdown_tables, summarize
+from fedfstq.cli import main
+
+pytestmark = pytest.mark.broker
+
+CONFIG = FleetConfig(
+    clients=10, per_round=4, rounds=3, model="tiny", dropout=0.3, held_out=24,
+    generation_examples=4, steps=2, batch_size=2, max_len=32,
+)  # fmt: skip
+_PLOTS = ("loss_vs_uplink.png", "loss_vs_time.png", "rouge_l_vs_uplink.png", "rouge_l_vs_time.png")
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One scaled-down `fedfstq bench fleet` (agent memory included), shared by the tests."""
+    root = tmp_path_factory.mktemp("fleet")
+    c = CONFIG
+    argv = [
+        "bench", "fleet", "--model", c.model, "--clients", str(c.clients), "--per-round",
+        str(c.per_round), "--rounds", str(c.rounds), "--dropout", str(c.dropout),
+        "--methods", "dense_fp16,fstq", "--held-out", str(c.held_out), "--generation-examples",
+        str(c.generation_examples), "--steps", str(c.steps), "--batch-size", str(c.batch_size),
+        "--max-len", str(c.max_len), "--workdir", str(root / "work"), "--json",
+        str(root / "run.json"), "--plots", str(root / "plots"),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    return root
+
+
+@pytest.fixture(scope="module")
+def run(out: Path) -> dict[str, Any]:
+    record: dict[str, Any] = json.loads((out / "run.json").read_text())
+    return record
+
+
+@pytest.mark.timeout(240)
+def test_every_round_closes_and_dropouts_follow_their_fate(run: dict[str, Any]) -> None:
+    names = [f"c{i:03d}" for i in range(CONFIG.clients)]
+    dropped_any = False
+    for rec in run["methods"].values():
+        rounds = rec["rounds"]
+        assert [r["round"] for r in rounds] == [0, 1, 2, 3]
+        for r in rounds[1:]:
+            assert r["status"] == "closed" and len(r["selected"]) == CONFIG.per_round
+            for row in r["clients"]:
+                fate = dropout_fate(CONFIG.seed, r["round"], names.index(row["client"]), 0.3)
+                # A dropout never arrives; everyone else does (no link faults here).
+                assert row["arrived"] == (fate == "ok"), (r["round"], row)
+                assert row["dropped"] == (None if fate == "ok" else fate)
+                dropped_any |= fate != "ok"
+    assert dropped_any, "the seed should drop someone, or this test checks nothing"
+
+
+@pytest.mark.timeout(240)
+def test_round_time_and_bytes_are_accounted(run: dict[str, Any]) -> None:
+    for rec in run["methods"].values():
+        for r in rec["rounds"][1:]:
+            arrived = [row for row in r["clients"] if row["arrived"]]
+            timings = [
+                ClientTiming(row["compute_s"], row["wire_bytes"], row["rate_bps"])
+                for row in arrived
+            ]
+            assert r["round_time_s"] == round_time(timings, r["server_s"]) > r["server_s"]
+            # What arrived devices sent covers their payloads plus framing.
+            for row in arrived:
+                assert row["wire_bytes"] > row["payload_bytes"] > 0
+            assert r["uplink_wire_bytes"] >= sum(row["wire_bytes"] for row in arrived)
+            assert r["uplink_payload_bytes"] >= sum(row["payload_bytes"] for row in arrived)
+    dense, fstq = (run["methods"][m]["rounds"] for m in ("dense_fp16", "fstq"))
+    budget = run["config"]["budget_bytes"]
+    assert budget == compression_for("fstq", budget)["budget_bytes"]
+    for d, f in zip(dense[1:], fstq[1:], strict=True):
+        assert d["selected"] == f["selected"]  # same seeds: same selection per round
+        assert all(row["payload_bytes"] <= budget for row in f["clients"] if row["arrived"])
+        assert f["uplink_wire_bytes"] < d["uplink_wire_bytes"] / 4
+
+
+@pytest.mark.timeout(240)
+def test_quality_is_evaluated_from_the_same_start(run: dict[str, Any]) -> None:
+    dense, fstq = (run["methods"][m]["rounds"] for m in ("dense_fp16", "fstq"))
+    assert dense[0]["eval"] == fstq[0]["eval"]  # one initial adapter for every method
+    for r in dense + fstq:
+        ev = r["eval"]
+        assert ev["loss"] > 0 and 0 <= ev["accuracy"] <= 1 and 0 <= ev["rouge_l"] <= 1
+        assert set(ev["groups"]) <= set(CONFIG.languages)
+    # Training moved the global adapter, so the held-out loss changed.
+    assert dense[-1]["eval"]["loss"] != dense[0]["eval"]["loss"]
+
+
+@pytest.mark.timeout(240)
+def test_record_has_target_memory_and_plots(run: dict[str, Any], out: Path) -> None:
+    target = run["target"]
+    assert target["metric"] == "loss" and not target["higher_is_better"]
+    dense_losses = [r["eval"]["loss"] for r in run["methods"]["dense_fp16"]["rounds"]]
+    assert min(dense_losses) <= target["value"] <= max(dense_losses)
+    for rec in run["methods"].values():
+        assert 100 < rec["agent_peak_rss_mb"] < 8000  # a real process's RSS, in MB
+    summary = summarize(run)
+    for name, m in summary.methods.items():
+        rounds = run["methods"][name]["rounds"]
+        # Every selected device fetched the new global adapter: downlink was spent and counted.
+        assert m.total_downlink_wire_bytes == sum(r["downlink_wire_bytes"] for r in rounds) > 0
+        assert m.total_uplink_wire_bytes == sum(r["uplink_wire_bytes"] for r in rounds)
+    tables = markdown_tables(summary)
+    assert "dense_fp16" in tables and "fstq" in tables
+    for name in _PLOTS:
+        assert (out / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
