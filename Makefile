@@ -1,5 +1,5 @@
 # The two commands of the README. Each does its own set-up on a fresh machine.
-.PHONY: setup demo test check bench-codec
+.PHONY: setup demo test check bench-codec bench-faults bench-fleet bench-inference
 
 setup:
 	bash scripts/setup.sh
@@ -13,3 +13,17 @@ test: setup
 
 bench-codec: setup
 	.venv/bin/fedfstq bench codec $(ARGS)
+
+# The evaluation fleet (EVALUATION.md has the exact runs); ARGS="--help" lists the options.
+bench-fleet: setup
+	.venv/bin/fedfstq bench fleet $(ARGS)
+
+bench-inference: setup
+	.venv/bin/fedfstq bench inference $(ARGS)
+
+# Every fault scenario, slow ones included (RELIABILITY.md): prints the reliability table at the
+# end and writes it as JSON to FAULT_REPORT.
+FAULT_REPORT ?= runs/fault-report.json
+bench-faults: setup
+	mkdir -p $(dir $(FAULT_REPORT))
+	.venv/bin/python -m pytest tests/faults -m "slow or not slow" --fault-report=$(FAULT_REPORT) $(ARGS)

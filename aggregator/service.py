@@ -347,6 +347,9 @@ class Aggregator:
                 self._forget(key)
                 self._reject(key, client, exc.reason, str(exc), now)
             return
+        if not result.new and key not in self._inbox:  # the upload was settled before
+            self._on_settled_chunk(client, key, c, now)
+            return
         self._upload_wire[key] += wire
         if not result.new:
             metrics.duplicate_chunks += 1
@@ -356,6 +359,21 @@ class Aggregator:
         self._chunk_kind = ("payload" if result.new else "resent", len(c.data))
         if result.completed is not None:
             self._on_complete(client, key, result.completed, now)
+
+    def _on_settled_chunk(self, client: str, key: UploadKey, c: UploadChunk, now: float) -> None:
+        """A chunk of a finished upload: a duplicate if it completed, else the verdict again.
+
+        An upload dropped when its round closed (or expired, or refused) is not a duplicate:
+        its device is still sending and must hear ``late``/``rejected`` (throttled), as the
+        chunks of a closed round's unknown uploads do, instead of silence.
+        """
+        verdict = self._inbox.ack(key)
+        if verdict.status is AckStatus.COMPLETE:  # at-least-once delivery, or a replay
+            self.rounds.metrics.duplicate_chunks += 1
+            self.rounds.metrics.duplicate_bytes += len(c.data)
+            self._chunk_kind = ("resent", len(c.data))
+        elif self._send_throttled(client, key, verdict, now):
+            self.counters[f"{verdict.reason or verdict.status.value}_chunks"] += 1
 
     def _on_complete(self, client: str, key: UploadKey, done: CompletedUpload, now: float) -> None:
         """Decode, validate, commit, fold in; then (and only then) acknowledge ``complete``."""

@@ -11,6 +11,7 @@ completes and the round closes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -30,6 +31,7 @@ import msgpack
 import pytest
 import torch
 from e2e_support import aggregator_settings, tiny_loader, unique
+from report import FaultRow
 from service_support import Device, compressed, global_state, random_delta, running
 
 from aggregator.settings import AggregatorSettings
@@ -85,7 +87,10 @@ def wait(predicate: Callable[[], bool], what: str, timeout: float = 20.0) -> Non
 
 @pytest.mark.timeout(120)
 def test_hostile_uploads_are_rejected_bounded_and_the_round_still_closes(
-    mosquitto: LocalBroker, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    mosquitto: LocalBroker,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    fault_report: Callable[[FaultRow], None],
 ) -> None:
     # Arrange: two selected devices; clip_norm bounds any accepted update.
     fleet = unique("hostile")
@@ -175,7 +180,8 @@ def test_hostile_uploads_are_rejected_bounded_and_the_round_still_closes(
             # ... and one accepted but clipped: a huge norm.
             huge = {k: 1e4 * t for k, t in random_delta(v0, 99).items()}
             assert norm(huge) > 1000 * CLIP
-            _, status = upload(compressed(huge, "dense_fp32"), "huge-norm")
+            huge_payload = compressed(huge, "dense_fp32")
+            _, status = upload(huge_payload, "huge-norm")
             assert status is AckStatus.COMPLETE
             rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             # Act 4: the legitimate device still gets through and the round closes.
@@ -183,6 +189,8 @@ def test_hostile_uploads_are_rejected_bounded_and_the_round_still_closes(
             m, chunks = good.prepare(legit, round_id=1, samples=10)
             good.send_upload(m, chunks)
             assert good.ack(m.upload_id, AckStatus.COMPLETE).have
+            # What the devices produced, of the two uploads the aggregator acknowledged.
+            acked = {("evil", "huge-norm"): huge_payload, ("good", m.upload_id): legit}
             good.global_manifest(1)
             wait(lambda: agg.global_version == 1, "the round to close")
             counters = Counter(agg.counters)
@@ -196,6 +204,7 @@ def test_hostile_uploads_are_rejected_bounded_and_the_round_still_closes(
         store = AggregatorStore(settings.db_path)
         try:
             ledger = store.rejection_counts()
+            stored = {(u.client_id, u.upload_id): u.payload for u in store.accepted_uploads(1)}
         finally:
             store.close()
         for reason, n in expected.items():
@@ -214,6 +223,27 @@ def test_hostile_uploads_are_rejected_bounded_and_the_round_still_closes(
         (record,) = [json.loads(line) for line in settings.rounds_path.read_text().splitlines()]
         assert record["status"] == "closed" and record["clipped"] == 1
         assert sorted(record["clients"]) == ["evil", "good"]
+        # The reliability row: the acknowledged uploads are stored as produced, none is lost.
+        corrupted = sum(
+            hashlib.sha256(stored[k]).digest() != hashlib.sha256(p).digest()
+            for k, p in acked.items()
+            if k in stored
+        )
+        lost = len(acked.keys() - stored.keys())
+        assert corrupted == 0 and lost == 0 and stored.keys() == acked.keys()
+        fault_report(
+            FaultRow(
+                scenario="7 hostile payloads",
+                rounds_completed=1,
+                uploads_acknowledged=len(acked),
+                uploads_aggregated=len(stored),
+                bytes_resent=0,  # nothing is re-sent: every hostile message is new
+                corrupted_aggregated=corrupted,
+                acknowledged_lost=lost,
+                notes=f"{sum(expected.values())} hostile messages rejected by reason, "
+                "1 huge-norm update clipped",
+            )
+        )
     finally:
         evil.close()
         good.close()
