@@ -290,16 +290,19 @@ class RoundController:
         return True
 
     def _close(self, rnd: OpenRound, now: float) -> None:
-        """Global v+1 = v + weighted mean delta: directory, record, eval, metrics."""
+        """Global v+1 = v + weighted mean delta: eval, directory, record, metrics."""
         started = time.perf_counter()
         old = self.current
         new = self._build(old.version + 1, rnd.round_id, apply_delta(old.master, rnd.fedavg.mean()))
-        self._save(new, rnd.round_id, now)
         evaluation = None
         if self._eval_examples:
             evaluation = self._model.evaluate(
                 new.master, self._eval_examples, self.settings.eval.batch_size
             )
+        # Recorded after the (slow) evaluation: a crash during it leaves the round open, and the
+        # restart closes it again from the stored uploads, rather than finding v+1 recorded and
+        # the round's metrics line (with its eval) never written.
+        self._save(new, rnd.round_id, now)
         self._global = new
         self._finish(rnd, "closed", new.version, now, evaluation, time.perf_counter() - started)
         log.info(

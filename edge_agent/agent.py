@@ -42,6 +42,7 @@ from broker.topics import (
     DownTopic,
     GlobalManifestTopic,
     RoundTopic,
+    ack_topic,
     device_filters,
     parse_topic,
     status_topic,
@@ -194,8 +195,17 @@ class EdgeAgent:
         self._set_phase(ClientState.ONLINE, None)
         self._notifier.ready()
         if pending:
+            # Acks our persistent session kept for the previous process (a killed process never
+            # PUBACKed them) arrived with the session, before the SUBACKs: they cannot answer the
+            # status query the resume sends. Taken for its reply, a stale `receiving` with an
+            # empty bitmap would make every chunk go out again, so they are dropped; the rest of
+            # what arrived is handled after the resume, as before.
+            early = list(iter(lambda: client.receive(timeout=0), None))
             self._set_phase(ClientState.UPLOADING, pending[0].round_id)
             self._uploader.resume(pending, self._clock())
+            for msg in early:
+                if msg.topic != ack_topic(self._fleet, self._me):
+                    self._dispatch(msg)
 
     def _connect(self) -> None:
         s = self.settings
