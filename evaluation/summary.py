@@ -294,7 +294,7 @@ def markdown_tables(summary: Summary) -> str:
         parts += [
             f"### Cost to the target: {_LABELS.get(t.metric, t.metric)} {op} {t.value:.4f}",
             "",
-            f"Target fixed before the run: {t.rule.rstrip('.')}.",
+            f"Target (its rule fixed before the run): {t.rule.rstrip('.')}.",
             "",
             _target_table(summary, t),
             "",

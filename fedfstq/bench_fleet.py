@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", type=Path, default=Path("runs/fleet"))
     p.add_argument("--json", type=Path, default=None, help="write the run record here")
     p.add_argument("--plots", type=Path, default=None, help="write PNG plots to this directory")
+    p.add_argument(
+        "--report", type=Path, nargs="+", default=None, metavar="RUN.json",
+        help="run nothing: merge these run records (same config and seeds, other methods), "
+        "fix the target, print the tables and draw the plots",
+    )  # fmt: skip
 
 
 def _config(args: argparse.Namespace) -> Any:
@@ -107,12 +113,41 @@ def _print_round(method: str, r: dict[str, Any]) -> None:
     )
 
 
+def merge_records(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """One record from runs of the same fleet (config equal but for what runs measured)."""
+    own = ("budget_bytes", "dense_fp16_bytes", "links")
+    first = records[0]
+    merged: dict[str, Any] = {"config": first["config"], "methods": {}}
+    for rec in records:
+        mismatch = {
+            k for k in set(rec["config"]) | set(first["config"])
+            if k not in own and rec["config"].get(k) != first["config"].get(k)
+        }  # fmt: skip
+        if mismatch:
+            raise ValueError(f"runs differ in {sorted(mismatch)}: not the same fleet")
+        merged["methods"].update(rec["methods"])
+    return merged
+
+
 def main(args: argparse.Namespace) -> int:
+    if args.report is not None:
+        try:
+            record = merge_records([json.loads(path.read_text()) for path in args.report])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"fedfstq bench fleet --report: {exc}", file=sys.stderr)
+            return 2
+    else:
+        record = _run(args)
+    return _report(args, record)
+
+
+def _run(args: argparse.Namespace) -> dict[str, Any]:
     from evaluation.agent_memory import measure_peak_rss_mb
     from evaluation.fleet import compression_for, run_fleet
     from evaluation.links import load_trace
-    from evaluation.summary import markdown_tables, summarize
 
+    # SIGTERM unwinds like Ctrl-C, so the private Mosquitto and the agents are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     # A hundred agents log every step; the bench prints its own progress.
     if not args.verbose:
         logging.getLogger().setLevel(logging.WARNING)
@@ -157,6 +192,15 @@ def main(args: argparse.Namespace) -> int:
             result["methods"][label]["agent_peak_rss_mb"] = rss
             print(f"{label:>16}: agent peak RSS {rss:.0f} MB", flush=True)
     save("", result)
+    return record
+
+
+def _report(args: argparse.Namespace, record: dict[str, Any]) -> int:
+    from evaluation.summary import markdown_tables, summarize
+
+    record["target"] = _target(args, record)
+    if args.report is not None and args.json is not None:
+        args.json.write_text(json.dumps(record, indent=1, allow_nan=False) + "\n")
     summary = summarize(record)
     print()
     print(markdown_tables(summary))

@@ -1,0 +1,61 @@
+"""`fedfstq bench fleet --report`: merging run records of one fleet (the runs themselves are
+exercised by tests/evaluation/test_fleet.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fedfstq.bench_fleet import merge_records
+from fedfstq.cli import main
+
+
+def _record(
+    method: str, alpha: float = 0.1, losses: tuple[float, ...] = (4.0, 3.5)
+) -> dict[str, Any]:
+    rounds = [
+        {
+            "round": i, "eval": {"loss": loss, "accuracy": 0.3, "rouge_l": 0.1},
+            "uplink_wire_bytes": 1000 * i, "round_time_s": float(i), "clients": [],
+        }
+        for i, loss in enumerate(losses)
+    ]  # fmt: skip
+    return {
+        "config": {"alpha": alpha, "seed": 0, "budget_bytes": 10, "links": {"c000": 1e6}},
+        "methods": {method: {"method": method, "options": {}, "rounds": rounds}},
+    }
+
+
+def test_merge_keeps_every_method_of_one_fleet() -> None:
+    merged = merge_records([_record("dense_fp16"), _record("fstq")])
+    assert list(merged["methods"]) == ["dense_fp16", "fstq"]
+
+
+def test_merge_refuses_runs_of_different_fleets() -> None:
+    with pytest.raises(ValueError, match="alpha"):
+        merge_records([_record("dense_fp16"), _record("fstq", alpha=1.0)])
+
+
+def test_report_prints_tables_and_fixes_the_target(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(_record("dense_fp16")))
+    b.write_text(json.dumps(_record("fstq", losses=(4.0, 3.9))))
+    out = tmp_path / "merged.json"
+    argv = ["bench", "fleet", "--report", str(a), str(b), "--json", str(out)]
+    assert main(argv) == 0
+    merged = json.loads(out.read_text())
+    assert merged["target"]["value"] == pytest.approx(3.5 + 0.05 * 0.5)
+    text = capsys.readouterr().out
+    assert "| fstq |" in text and "not reached" in text
+
+
+def test_report_of_a_missing_file_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["bench", "fleet", "--report", str(tmp_path / "nope.json")]) == 2
+    assert "nope.json" in capsys.readouterr().err
