@@ -47,7 +47,11 @@ class MethodSummary:
     rounds: int  # trained rounds in the record (round 0 excluded)
     final_round: int | None  # the last evaluated round; None if none was evaluated
     final: dict[str, float | None]  # metric -> value at final_round
-    vs_dense_pct: dict[str, float | None]  # metric -> (method - dense) / |dense| * 100, final
+    #: metric -> (method - dense) / |dense| * 100 at dense's final round (a method run for more
+    #: rounds, to reach the target, is compared where dense stopped; one run for fewer, at its own
+    #: final round)
+    vs_dense_pct: dict[str, float | None]
+    by_round: dict[int, dict[str, float | None]]  # evaluated round -> metric -> value
     to_target: ToTarget | None  # None: no target, or never reached
     bytes_ratio: float | None  # dense / method, uplink wire bytes to target
     time_ratio: float | None  # dense / method, simulated time to target
@@ -108,6 +112,7 @@ def _method(name: str, rec: Mapping[str, Any], target: Target | None) -> MethodS
         final_round=None if last is None else int(last["round"]),
         final={m: None if last is None else metric_value(last, m) for m in METRICS},
         vs_dense_pct=dict.fromkeys(METRICS),
+        by_round={int(r["round"]): {m: metric_value(r, m) for m in METRICS} for r in evaluated},
         to_target=None if target is None else to_target(rounds, target),
         bytes_ratio=None,
         time_ratio=None,
@@ -163,9 +168,10 @@ def _against(m: MethodSummary, ref: MethodSummary | None) -> MethodSummary:
     if mt is not None and rt is not None:
         bytes_ratio = _ratio(rt.uplink_wire_bytes, mt.uplink_wire_bytes)
         time_ratio = _ratio(rt.time_s, mt.time_s)
+    same = m.final if ref.final_round is None else m.by_round.get(ref.final_round, m.final)
     return replace(
         m,
-        vs_dense_pct={k: _change_pct(m.final[k], ref.final[k]) for k in METRICS},
+        vs_dense_pct={k: _change_pct(same[k], ref.final[k]) for k in METRICS},
         bytes_ratio=bytes_ratio,
         time_ratio=time_ratio,
         payload_ratio=_ratio(ref.mean_payload_bytes, m.mean_payload_bytes),
@@ -210,7 +216,8 @@ def _options(m: MethodSummary) -> str:
 def _quality_table(s: Summary) -> str:
     header = ["method", "options", "final round", *(_LABELS[k] for k in METRICS)]
     if s.reference:
-        header += [f"{_LABELS[k]} vs dense" for k in METRICS]
+        at = s.methods[s.reference].final_round
+        header += [f"{_LABELS[k]} vs dense (round {at})" for k in METRICS]
     rows = []
     for m in s.methods.values():
         row = [

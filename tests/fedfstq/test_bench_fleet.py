@@ -59,3 +59,14 @@ def test_report_of_a_missing_file_is_a_clear_error(
 ) -> None:
     assert main(["bench", "fleet", "--report", str(tmp_path / "nope.json")]) == 2
     assert "nope.json" in capsys.readouterr().err
+
+
+def test_a_longer_run_is_compared_where_dense_stopped() -> None:
+    from evaluation.summary import summarize
+
+    # fstq runs one round longer (to reach the target): its loss change vs dense is taken at
+    # dense's last round (3.6 vs 3.5), not at its own (3.4).
+    merged = merge_records([_record("dense_fp16"), _record("fstq", losses=(4.0, 3.6, 3.4))])
+    fstq = summarize(merged).methods["fstq"]
+    assert fstq.final_round == 2
+    assert fstq.vs_dense_pct["loss"] == pytest.approx((3.6 - 3.5) / 3.5 * 100)
