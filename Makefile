@@ -7,9 +7,12 @@ setup:
 demo: setup
 	.venv/bin/fedfstq demo $(ARGS)
 
+# CI (CI=true) also runs the slow tests: process kills, packet loss, long fuzzing (~5 min).
+SLOW := $(if $(filter true,$(CI)),-m "slow or not slow",)
+
 test: setup
 	bash scripts/check
-	.venv/bin/python -m pytest $(ARGS)
+	.venv/bin/python -m pytest $(SLOW) $(ARGS)
 
 bench-codec: setup
 	.venv/bin/fedfstq bench codec $(ARGS)
