@@ -14,12 +14,20 @@ one a device learns while training:
   ``fstq.training.FstqTrainingHook``); the adapter is merged and that model answers.
 
 On held-out questions (optionally after ``--shots K`` other Q/A pairs from the training split as
-chat turns: longer, more realistic prompts), for each keep ratio: end-to-end wall time of
-reduction + batched greedy generation (median of ``--repeats`` runs after an untimed first run
-that also yields the answers; ratios interleaved within each repeat so drifting machine load hits
-all alike; keep 1.0 is the plain model without the reducer), time to first token (reduction +
-prefill + one token), answer-token loss/accuracy with the reduced prompt (teacher-forced) and
-ROUGE-L of the greedy answers against the references. Heavy imports are lazy.
+chat turns: longer, more realistic prompts), for each keep ratio (keep 1.0 is the plain model,
+without the reducer):
+
+* end-to-end time of reduction + batched greedy generation, wall clock and CPU time of this
+  single-threaded process (steadier on a shared machine), and time to first token (reduction +
+  prompt forward + one token): the median of ``--repeats`` passes after an untimed warm-up, all
+  ratios on the same batches (questions sorted by prompt length), taking turns batch by batch.
+  A batch decodes until its longest answer ends, so changed answers move the time too;
+  ``--ignore-eos`` decodes exactly ``--max-new-tokens`` steps to time the prompt's effect alone;
+* quality: answer-token loss/accuracy with the reduced prompt (teacher-forced reference answer)
+  and ROUGE-L of the greedy answers against the references; a ratio "stays within 1%" on a
+  metric when it is at most 1% (relative) worse than keep 1.0.
+
+Heavy imports are lazy: ``fedfstq --help`` must stay fast.
 """
 
 from __future__ import annotations
@@ -77,6 +85,7 @@ class InferenceBenchSpec:
     examples: int = 32
     shots: tuple[int, ...] = (0, 4)
     max_new_tokens: int = 24
+    ignore_eos: bool = False
     keep: tuple[float, ...] = DEFAULT_KEEP
     keep_last: int = 8
     batch_size: int = 16
@@ -95,24 +104,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a device's token_scores.safetensors (or its state directory) instead of training;"
         " the base model then answers",
     )
-    parser.add_argument(
-        "--train-steps",
-        type=int,
-        default=d.train_steps,
-        help=f"LoRA steps that learn the scores (default {d.train_steps})",
-    )
-    parser.add_argument(
-        "--train-batch-size", type=int, default=d.train_batch_size, help="(default %(default)s)"
-    )
-    parser.add_argument(
-        "--refresh-every",
-        type=int,
-        default=d.refresh_every,
-        help="token-score refresh interval H while training (default: the devices' %(default)s)",
-    )
-    parser.add_argument(
-        "--examples", type=int, default=d.examples, help="held-out questions (default %(default)s)"
-    )
+    for flag, text in (
+        ("--train-steps", "LoRA steps that learn the scores"),
+        ("--train-batch-size", "training batch"),
+        ("--refresh-every", "token-score refresh interval H while training, as on devices"),
+        ("--examples", "held-out questions"),
+        ("--max-new-tokens", "answer tokens at most"),
+        ("--keep-last", "last prompt tokens always kept"),
+        ("--batch-size", "generation batch"),
+        ("--repeats", "timed passes per ratio"),
+        ("--seed", "data split, shots, adapter initialisation"),
+        ("--threads", "torch threads"),
+    ):
+        default = getattr(d, flag[2:].replace("-", "_"))
+        parser.add_argument(flag, type=int, default=default, help=f"{text} (default {default})")
     parser.add_argument(
         "--shots",
         type=int,
@@ -131,26 +136,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         " added as the baseline)",
     )
     parser.add_argument(
-        "--max-new-tokens", type=int, default=d.max_new_tokens, help="(default %(default)s)"
-    )
-    parser.add_argument(
-        "--keep-last",
-        type=int,
-        default=d.keep_last,
-        help="last prompt tokens always kept (default %(default)s)",
-    )
-    parser.add_argument(
-        "--batch-size",
-        type=int,
-        default=d.batch_size,
-        help="generation batch (default %(default)s)",
-    )
-    parser.add_argument(
-        "--repeats", type=int, default=d.repeats, help="timed runs per ratio (default %(default)s)"
-    )
-    parser.add_argument("--seed", type=int, default=d.seed, help="(default %(default)s)")
-    parser.add_argument(
-        "--threads", type=int, default=d.threads, help="torch threads (default %(default)s)"
+        "--ignore-eos",
+        action="store_true",
+        help="time exactly --max-new-tokens decode steps per batch (answers are still cut at"
+        " EOS): equal decode work at every ratio, so time differences are the prompt's alone",
     )
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
 
@@ -324,43 +313,48 @@ def _learn_scores(
 
 
 class _StepClock:
-    """A logits processor timing decode steps: the gaps between consecutive calls of one batch.
+    """A logits processor noting when each new token of one ``generate`` call is chosen.
 
-    ``generate`` calls it once per new token, the first time right after the prompt's forward;
-    a call whose ids extend the previous call's by one column belongs to the same batch.
+    The first call comes right after the prompt's forward, each later one after a decode step,
+    so last minus first is the decode time. Wall and CPU clocks both: on a shared machine the
+    CPU time of this (single-threaded) process is the steadier measure of work.
     """
 
     def __init__(self) -> None:
-        self.decode_s = 0.0
-        self._last: tuple[float, torch.Tensor] | None = None
+        self.first: tuple[float, float] | None = None
+        self.last: tuple[float, float] = (0.0, 0.0)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        import torch
-
-        now = time.perf_counter()
-        last = self._last
-        if (
-            last is not None
-            and last[1].shape == (input_ids.shape[0], input_ids.shape[1] - 1)
-            and torch.equal(last[1], input_ids[:, :-1])
-        ):
-            self.decode_s += now - last[0]
-        self._last = (now, input_ids)
+        self.last = (time.perf_counter(), time.process_time())
+        self.first = self.first or self.last
         return scores
+
+    def decode(self) -> tuple[float, float]:
+        first = self.first or self.last
+        return self.last[0] - first[0], self.last[1] - first[1]
 
 
 @dataclass
 class _Run:
+    """One or more batches at one keep ratio; times are sums over the batches."""
+
     prompts: list[list[int]]
     answers: list[list[int]]
-    reduce_s: float
-    decode_s: float  # forwards after each batch's first token
-    total_s: float
+    reduce_s: float = 0.0
+    decode_s: float = 0.0  # forwards after each batch's first token
+    total_s: float = 0.0
+    decode_cpu_s: float = 0.0
+    total_cpu_s: float = 0.0
 
-    @property
-    def ttft_s(self) -> float:
-        """Reduction + every batch's prompt forward and first token (+ batching overhead)."""
-        return self.total_s - self.decode_s
+    def __iadd__(self, other: _Run) -> _Run:
+        self.prompts += other.prompts
+        self.answers += other.answers
+        self.reduce_s += other.reduce_s
+        self.decode_s += other.decode_s
+        self.total_s += other.total_s
+        self.decode_cpu_s += other.decode_cpu_s
+        self.total_cpu_s += other.total_cpu_s
+        return self
 
 
 def _few_shot_prompts(
@@ -387,12 +381,16 @@ def _time_ratios(
     reduce: Callable[[Sequence[list[int]], float], list[list[int]]],
     spec: InferenceBenchSpec,
 ) -> dict[float, list[_Run]]:
-    """``spec.repeats`` timed runs per ratio (interleaved), after an untimed warm-up."""
+    """``spec.repeats`` timed passes over all prompts per ratio, after an untimed warm-up.
+
+    Ratios take turns batch by batch (rotating who goes first), so a burst of load from other
+    jobs lands on every ratio alike instead of on whichever pass was running.
+    """
     from workload.evaluation import generate_tokens
 
     def run(ratio: float, batch: Sequence[list[int]]) -> _Run:
         clock = _StepClock()
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         ids = list(batch) if ratio == 1.0 else reduce(batch, ratio)  # 1.0: no reducer at all
         reduced = time.perf_counter()
         answers = generate_tokens(
@@ -400,20 +398,30 @@ def _time_ratios(
             tokenizer,
             ids,
             max_new_tokens=spec.max_new_tokens,
-            batch_size=spec.batch_size,
+            batch_size=len(ids),
+            stop_at_eos=not spec.ignore_eos,
             logits_processor=[clock],
         )
-        end = time.perf_counter()
-        return _Run(ids, answers, reduced - start, clock.decode_s, end - start)
+        end, end_cpu = time.perf_counter(), time.process_time()
+        decode_s, decode_cpu_s = clock.decode()
+        return _Run(
+            ids, answers, reduced - start, decode_s, end - start, decode_cpu_s, end_cpu - start_cpu
+        )
 
+    batches = [prompts[i : i + spec.batch_size] for i in range(0, len(prompts), spec.batch_size)]
     for ratio in spec.keep:  # warm-up: allocator growth, first-touch pages, lazy imports
-        run(ratio, prompts[: spec.batch_size])
+        run(ratio, batches[0])
     runs: dict[float, list[_Run]] = {r: [] for r in spec.keep}
     for repeat in range(spec.repeats):
-        for ratio in spec.keep:  # interleaved, so drifting machine load hits every ratio alike
-            runs[ratio].append(run(ratio, prompts))
-            if runs[ratio][-1].answers != runs[ratio][0].answers:
+        passes = {r: _Run([], []) for r in spec.keep}
+        for b, batch in enumerate(batches):
+            turn = (repeat + b) % len(spec.keep)
+            for ratio in spec.keep[turn:] + spec.keep[:turn]:
+                passes[ratio] += run(ratio, batch)
+        for ratio, one in passes.items():
+            if runs[ratio] and one.answers != runs[ratio][0].answers:
                 log.warning("keep %.2f: answers changed between repeats", ratio)
+            runs[ratio].append(one)
         log.info("repeat %d/%d done", repeat + 1, spec.repeats)
     return runs
 
@@ -468,7 +476,13 @@ def _bench_setting(
                 "kept_share": sum(len(p) for p in r.prompts) / full_tokens,
                 "e2e_s": statistics.median(x.total_s for x in runs[ratio]),
                 "e2e_s_runs": [x.total_s for x in runs[ratio]],
-                "ttft_s": statistics.median(x.ttft_s for x in runs[ratio]),
+                "e2e_cpu_s": statistics.median(x.total_cpu_s for x in runs[ratio]),
+                "e2e_cpu_s_runs": [x.total_cpu_s for x in runs[ratio]],
+                # Time to first token, summed over batches: reduction + prompt forward + 1 token.
+                "ttft_s": statistics.median(x.total_s - x.decode_s for x in runs[ratio]),
+                "ttft_cpu_s": statistics.median(
+                    x.total_cpu_s - x.decode_cpu_s for x in runs[ratio]
+                ),
                 "decode_s": statistics.median(x.decode_s for x in runs[ratio]),
                 "reduce_s": statistics.median(x.reduce_s for x in runs[ratio]),
                 "answer_tokens": sum(len(a) for a in r.answers) / len(prompts),
@@ -512,7 +526,9 @@ def _add_speedups(rows: list[dict[str, Any]]) -> None:
     base = next(r for r in rows if r["keep"] == 1.0)
     for r in rows:
         r["speedup"] = base["e2e_s"] / r["e2e_s"]
+        r["cpu_speedup"] = base["e2e_cpu_s"] / r["e2e_cpu_s"]
         r["ttft_speedup"] = base["ttft_s"] / r["ttft_s"]
+        r["ttft_cpu_speedup"] = base["ttft_cpu_s"] / r["ttft_cpu_s"]
         r["within_tolerance"] = {
             "rouge_l": r["rouge_l"] >= (1 - QUALITY_TOLERANCE) * base["rouge_l"],
             "accuracy": r["accuracy"] >= (1 - QUALITY_TOLERANCE) * base["accuracy"],
@@ -535,7 +551,9 @@ def _best_within_tolerance(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             )
         ]
         top = max(ok, key=lambda r: r["speedup"], default=None)
-        best[name] = None if top is None else {"keep": top["keep"], "speedup": top["speedup"]}
+        best[name] = (
+            None if top is None else {k: top[k] for k in ("keep", "speedup", "cpu_speedup")}
+        )
     return best
 
 
@@ -548,6 +566,8 @@ def run_inference_bench(spec: InferenceBenchSpec) -> dict[str, Any]:
     from workload.data import load_chatterbot, train_test_split
     from workload.models import load_base_model
 
+    if spec.keep[0] != 1.0:
+        raise ValueError("keep ratios must start with the 1.0 baseline, descending")
     torch.set_num_threads(spec.threads)
     load_at_start = os.getloadavg()[0]
     rng = np.random.default_rng(spec.seed)
@@ -601,7 +621,8 @@ def run_inference_bench(spec: InferenceBenchSpec) -> dict[str, Any]:
 def markdown_table(results: Mapping[str, Any]) -> str:
     """The results as Markdown: one table per shots setting and the best speedup within 1%."""
     pct = f"{results['tolerance']:.0%}"
-    lines = [f"score table: {results['scores']['source']}"]
+    decoding = "fixed length (--ignore-eos)" if results["spec"]["ignore_eos"] else "until EOS"
+    lines = [f"score table: {results['scores']['source']}; timed decoding: {decoding}"]
     for s in results["settings"]:
         lines.append(
             f"\n**{s['shots']}-shot prompts** - {s['examples']} held-out questions, "
@@ -610,16 +631,17 @@ def markdown_table(results: Mapping[str, Any]) -> str:
             "with a learned score\n"
         )
         lines.append(
-            "| keep | prompt tok | kept | e2e s | speedup | TTFT s | TTFT speedup | answer tok "
-            "| loss | acc | ROUGE-L | same answer |"
+            "| keep | prompt tok | kept | e2e s | speedup | CPU s | CPU speedup | TTFT CPU s "
+            "| TTFT CPU speedup | answer tok | loss | acc | ROUGE-L | same answer |"
         )
-        lines.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        lines.append("|---:" * 14 + "|")
         for r in s["rows"]:
             lines.append(
                 f"| {r['keep']:.2f} | {r['prompt_tokens']:.1f} | {r['kept_share']:.0%} "
-                f"| {r['e2e_s']:.2f} | {r['speedup']:.2f}x | {r['ttft_s']:.2f} "
-                f"| {r['ttft_speedup']:.2f}x | {r['answer_tokens']:.1f} | {r['loss']:.4f} "
-                f"| {r['accuracy']:.4f} | {r['rouge_l']:.4f} | {r['same_answer_as_full']:.0%} |"
+                f"| {r['e2e_s']:.2f} | {r['speedup']:.2f}x | {r['e2e_cpu_s']:.2f} "
+                f"| {r['cpu_speedup']:.2f}x | {r['ttft_cpu_s']:.2f} | {r['ttft_cpu_speedup']:.2f}x "
+                f"| {r['answer_tokens']:.1f} | {r['loss']:.4f} | {r['accuracy']:.4f} "
+                f"| {r['rouge_l']:.4f} | {r['same_answer_as_full']:.0%} |"
             )
         verdicts = []
         for name, label in (
@@ -632,7 +654,8 @@ def markdown_table(results: Mapping[str, Any]) -> str:
             verdicts.append(
                 f"{label}: none"
                 if best is None
-                else f"{label}: {best['speedup']:.2f}x (keep {best['keep']:.2f})"
+                else f"{label}: {best['speedup']:.2f}x wall, {best['cpu_speedup']:.2f}x CPU "
+                f"(keep {best['keep']:.2f})"
             )
         lines.append(f"\nlargest speedup with quality within {pct} - " + "; ".join(verdicts))
     return "\n".join(lines)

@@ -93,6 +93,7 @@ def generate_tokens(
     *,
     max_new_tokens: int,
     batch_size: int = 8,
+    stop_at_eos: bool = True,
     logits_processor: Sequence[Any] = (),
 ) -> list[list[int]]:
     """Greedy continuations, batched: the new token ids of each prompt, cut before the first EOS.
@@ -101,8 +102,12 @@ def generate_tokens(
     already-tokenised ids used as they are (e.g. a prompt reduced by ``fstq.inference``). Batches
     are left-padded with an attention mask, so every row continues right after its last token.
     The generation settings are explicit (not the model's ``generation_config``), so the result
-    depends only on the model, the prompts and ``batch_size``. ``logits_processor`` adds
-    ``transformers`` logits processors (called once per generated token, e.g. a step clock).
+    depends only on the model, the prompts and ``batch_size``.
+
+    ``stop_at_eos=False`` generates exactly ``max_new_tokens`` for every row (the answers are
+    still cut at the first EOS, so they do not change): the same decode work whatever the
+    answers, for timing. ``logits_processor`` adds ``transformers`` logits processors (called
+    once per generated token, e.g. a step clock).
     """
     from transformers import GenerationConfig, LogitsProcessorList
 
@@ -115,7 +120,8 @@ def generate_tokens(
         max_new_tokens=max_new_tokens,
         do_sample=False,
         num_beams=1,
-        eos_token_id=eos,
+        # An empty list, not None: None would fall back to the model's own EOS.
+        eos_token_id=eos if stop_at_eos else [],
         pad_token_id=pad,
     )
     was_training = model.training

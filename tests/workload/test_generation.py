@@ -70,3 +70,44 @@ def test_empty_list_bad_arguments_and_training_mode(model: Any, tokenizer: Any) 
         generate_tokens(model, tokenizer, [[]], max_new_tokens=2)
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate_tokens(model, tokenizer, ["hi"], max_new_tokens=0)
+
+
+class _Counter:
+    """A logits processor counting the tokens chosen (one call per generated token)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        self.calls += 1
+        return scores
+
+
+class _EosIs:
+    """The tokenizer, with another EOS id (to make the random model "finish" at once)."""
+
+    def __init__(self, tokenizer: Any, eos: int) -> None:
+        self._tok, self.eos_token_id = tokenizer, eos
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tok, name)
+
+
+def test_stop_at_eos_false_decodes_to_the_limit_with_the_same_answer(
+    model: Any, tokenizer: Any
+) -> None:
+    # Arrange: whatever the tiny model says first becomes its EOS
+    question = [encode_prompt(tokenizer, q) for q in _questions(1)]
+    first = generate_tokens(model, tokenizer, question, max_new_tokens=1)[0][0]
+    tok = _EosIs(tokenizer, first)
+    stopping, running = _Counter(), _Counter()
+
+    # Act
+    stopped = generate_tokens(model, tok, question, max_new_tokens=5, logits_processor=[stopping])
+    kept_on = generate_tokens(
+        model, tok, question, max_new_tokens=5, stop_at_eos=False, logits_processor=[running]
+    )
+
+    # Assert
+    assert stopped == kept_on == [[]]  # both cut before the EOS
+    assert (stopping.calls, running.calls) == (1, 5)
