@@ -138,7 +138,11 @@ def main(args: argparse.Namespace) -> int:
             print(f"fedfstq bench fleet --report: {exc}", file=sys.stderr)
             return 2
     else:
-        record = _run(args)
+        try:
+            record = _run(args)
+        except ValueError as exc:  # unknown method, bad trace file, bad option values
+            print(f"fedfstq bench fleet: {exc}", file=sys.stderr)
+            return 2
     return _report(args, record)
 
 

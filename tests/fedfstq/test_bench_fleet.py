@@ -70,3 +70,12 @@ def test_a_longer_run_is_compared_where_dense_stopped() -> None:
     fstq = summarize(merged).methods["fstq"]
     assert fstq.final_round == 2
     assert fstq.vs_dense_pct["loss"] == pytest.approx((3.6 - 3.5) / 3.5 * 100)
+
+
+def test_bad_options_are_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "fleet", "--methods", "dense_fp16,zip"]) == 2
+    assert "unknown method 'zip'" in capsys.readouterr().err
+    trace = tmp_path / "trace.json"
+    trace.write_text('{"clients": {"d": {"uplink_kbps": -1}}}')
+    assert main(["bench", "fleet", "--trace", str(trace)]) == 2
+    assert "trace.json" in capsys.readouterr().err
