@@ -12,7 +12,6 @@ left out: paho's client adds a few MB next to a model of hundreds.
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -54,8 +53,19 @@ def _main(path: str) -> None:
     # The fleet's budgeted methods use a fixed budget; the others need none.
     budget = c.budget_bytes if c.budget_mode == "fixed" else None
     model.train(state, budget, round_id=1)
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: kilobytes
-    print(json.dumps({"peak_rss_mb": peak_kb / 1024}))
+    print(json.dumps({"peak_rss_mb": peak_rss_kb() / 1024}))
+
+
+def peak_rss_kb() -> int:
+    """This process's peak RSS (VmHWM), in kB.
+
+    Not ``getrusage().ru_maxrss``: Linux keeps that across exec, so a child started by a large
+    process (the fleet) reports its parent's peak.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmHWM in /proc/self/status (not Linux?)")
 
 
 if __name__ == "__main__":

@@ -54,6 +54,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-value", type=float, default=None, help="fixed before the run")
     p.add_argument("--target-fraction", type=float, default=0.95)
     p.add_argument("--no-memory", action="store_true", help="skip the per-method agent RSS")
+    p.add_argument(
+        "--memory", action="store_true",
+        help="with --report: measure the agent RSS per method (needs the runs' --workdir)",
+    )  # fmt: skip
     p.add_argument("--workdir", type=Path, default=Path("runs/fleet"))
     p.add_argument("--json", type=Path, default=None, help="write the run record here")
     p.add_argument("--plots", type=Path, default=None, help="write PNG plots to this directory")
@@ -147,8 +151,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:
-    from evaluation.agent_memory import measure_peak_rss_mb
-    from evaluation.fleet import compression_for, run_fleet
+    from evaluation.fleet import run_fleet
     from evaluation.links import load_trace
 
     # SIGTERM unwinds like Ctrl-C, so the private Mosquitto and the agents are stopped.
@@ -156,6 +159,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     # A hundred agents log every step; the bench prints its own progress.
     if not args.verbose:
         logging.getLogger().setLevel(logging.WARNING)
+        logging.getLogger("broker.mqtt.paho").setLevel(logging.WARNING)
     config = _config(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     links = None
@@ -183,27 +187,42 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     result = run_fleet(config, methods, args.workdir, links=links, on_method=save,
                        on_round=progress)  # fmt: skip
     if not args.no_memory:
-        for label in methods:
-            settings = {
-                "client_id": "memory", "data_path": args.workdir / label / "devices" / "c000"
-                / "data.jsonl", "state_dir": args.workdir / "memory" / label, "model": config.model,
-                "training": {"steps": config.steps, "batch_size": config.batch_size,
-                             "max_len": config.max_len, "lr": config.lr},
-                "compression": compression_for(label, result["config"]["budget_bytes"]),
-            }  # fmt: skip
-            lora = {"r": config.lora_r, "alpha": config.lora_alpha,
-                    "target_modules": list(config.lora_targets)}  # fmt: skip
-            rss = measure_peak_rss_mb(settings, lora, args.workdir / "memory" / label)
-            result["methods"][label]["agent_peak_rss_mb"] = rss
-            print(f"{label:>16}: agent peak RSS {rss:.0f} MB", flush=True)
+        measure_memory(result, args.workdir)
     save("", result)
     return record
+
+
+def measure_memory(record: dict[str, Any], workdir: Path) -> None:
+    """Peak RSS of one device's process per method (evaluation.agent_memory), into the record.
+
+    Uses the run's settings and the data of its first device (left in ``workdir`` by the run).
+    """
+    from evaluation.agent_memory import measure_peak_rss_mb
+    from evaluation.fleet import compression_for
+
+    c = record["config"]
+    for label, rec in record["methods"].items():
+        settings = {
+            "client_id": "memory", "model": c["model"],
+            "data_path": workdir / label / "devices" / "c000" / "data.jsonl",
+            "state_dir": workdir / "memory" / label,
+            "training": {"steps": c["steps"], "batch_size": c["batch_size"],
+                         "max_len": c["max_len"], "lr": c["lr"]},
+            "compression": compression_for(label, c["budget_bytes"]),
+        }  # fmt: skip
+        lora = {"r": c["lora_r"], "alpha": c["lora_alpha"], "target_modules": c["lora_targets"]}
+        rec["agent_peak_rss_mb"] = rss = measure_peak_rss_mb(
+            settings, lora, workdir / "memory" / label
+        )
+        print(f"{label:>16}: agent peak RSS {rss:.0f} MB", flush=True)
 
 
 def _report(args: argparse.Namespace, record: dict[str, Any]) -> int:
     from evaluation.summary import markdown_tables, summarize
 
     record["target"] = _target(args, record)
+    if args.report is not None and args.memory:
+        measure_memory(record, args.workdir)
     if args.report is not None and args.json is not None:
         args.json.write_text(json.dumps(record, indent=1, allow_nan=False) + "\n")
     summary = summarize(record)
