@@ -247,9 +247,36 @@ def _agent_settings(
     )
 
 
-def _transport(index: int, seed: int, rate: float) -> Callable[[MqttSettings, Will], FleetWire]:
-    def fate(round_id: int) -> Fate:
-        return dropout_fate(seed, round_id, index, rate)
+class _Fates:
+    """Each device's fate in each round: its link's availability, then the seeded dropout.
+
+    With availability windows (a link trace), a device outside its windows at the simulated time
+    the round starts ignores the round ("offline"); that time is known once the previous round is
+    accounted, so until then the fate is None and the device's wire holds the announcement.
+    """
+
+    def __init__(self, fleet: Fleet) -> None:
+        self._fleet = fleet
+        self._windows = any(link.windows for link in fleet.links.values())
+        self._starts: dict[int, float] = {1: 0.0}
+
+    def started(self, round_id: int, sim_time_s: float) -> None:
+        self._starts[round_id] = sim_time_s
+
+    def __call__(self, index: int, round_id: int) -> Fate | None:
+        c = self._fleet.config
+        if self._windows:
+            start = self._starts.get(round_id)
+            if start is None:
+                return None
+            if not self._fleet.links[self._fleet.names[index]].available(start):
+                return "offline"
+        return dropout_fate(c.seed, round_id, index, c.dropout)
+
+
+def _transport(index: int, fates: _Fates) -> Callable[[MqttSettings, Will], FleetWire]:
+    def fate(round_id: int) -> Fate | None:
+        return fates(index, round_id)
 
     def make(settings: MqttSettings, will: Will) -> FleetWire:
         return FleetWire(MqttClient(settings, will=will), fate)
@@ -286,8 +313,9 @@ def run_method(
     agg = Aggregator(_aggregator_settings(fleet, label, root), clock=clock)
     wires: dict[str, FleetWire] = {}
     agents: dict[str, EdgeAgent] = {}
+    fates = _Fates(fleet)
     for i, name in enumerate(fleet.names):
-        make = _transport(i, c.seed, c.dropout)
+        make = _transport(i, fates)
 
         def factory(
             settings: MqttSettings,
@@ -314,9 +342,10 @@ def run_method(
             on_round(rounds[0])
         for t in threads:
             t.start()
-        for rec in _drive(fleet, agg, agents, clock):
-            entry = _round_entry(fleet, agg, rec, agents, wires)
+        for rec in _drive(fleet, agg, agents, clock, fates):
+            entry = _round_entry(fleet, agg, rec, agents, wires, fates)
             rounds.append(entry)
+            fates.started(entry["round"] + 1, sum(r["round_time_s"] for r in rounds))
             if on_round is not None:
                 on_round(entry)
     finally:
@@ -328,7 +357,9 @@ def run_method(
     return out
 
 
-def _drive(fleet: Fleet, agg: Aggregator, agents: dict[str, EdgeAgent], clock: FleetClock) -> Any:
+def _drive(
+    fleet: Fleet, agg: Aggregator, agents: dict[str, EdgeAgent], clock: FleetClock, fates: _Fates
+) -> Any:
     """Step the aggregator until it is done; yield each round record as the round ends."""
     c = fleet.config
     index = {n: i for i, n in enumerate(fleet.names)}
@@ -345,7 +376,7 @@ def _drive(fleet: Fleet, agg: Aggregator, agents: dict[str, EdgeAgent], clock: F
             waiting = [
                 n
                 for n in state.selected - state.arrived
-                if dropout_fate(c.seed, state.round_id, index[n], c.dropout) == "ok"
+                if fates(index[n], state.round_id) in ("ok", None)
                 and not _finished(agents[n], state.round_id)
             ]
             if not waiting and clock() < state.deadline:
@@ -392,6 +423,7 @@ def _round_entry(
     rec: dict[str, Any],
     agents: dict[str, EdgeAgent],
     wires: dict[str, FleetWire],
+    fates: _Fates,
 ) -> dict[str, Any]:
     r = rec["round"]
     arrived = set(rec["arrived"])
@@ -402,9 +434,8 @@ def _round_entry(
         time.sleep(0.02)
     clients: list[dict[str, Any]] = []
     timings: list[ClientTiming] = []
-    c = fleet.config
     for name in rec["selected"]:
-        fate = dropout_fate(c.seed, r, fleet.names.index(name), c.dropout)
+        fate = fates(fleet.names.index(name), r)
         report = next((x for x in agents[name].reports if x.entry.round_id == r), None)
         meta = report.entry.metadata if report is not None else {}
         wall, cpu = meta.get("compute_s"), meta.get("cpu_s")

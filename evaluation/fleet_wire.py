@@ -8,7 +8,9 @@
   answers the announcement) or ``halfway`` (its link dies after half of the upload's chunks).
   A pure function of (seed, round, device), so every device decides on its own, in its thread,
   at the moment the announcement arrives, and a rerun drops the same devices.
-* :class:`FleetWire` — the device's transport: applies the fate and counts what the device
+* :class:`FleetWire` — the device's transport: applies the fate (holding a round's announcement
+  while its fate is not known yet: with availability windows it depends on the simulated time
+  the round starts at, known once the previous round is accounted) and counts what the device
   publishes on its upload topic per round (MQTT packet bytes, re-sends included), which is what
   the round-time model charges to the device's link.
 """
@@ -32,7 +34,8 @@ from broker.transport import Completion, DelegatingTransport, Message, PublishHa
 
 __all__ = ["Fate", "FleetClock", "FleetWire", "dropout_fate"]
 
-Fate = Literal["ok", "silent", "halfway"]
+#: "offline": outside the device's availability windows (a link trace) when the round started.
+Fate = Literal["ok", "silent", "halfway", "offline"]
 
 
 class FleetClock:
@@ -74,9 +77,11 @@ def dropout_fate(seed: int, round_id: int, device_index: int, rate: float) -> Fa
 class FleetWire(DelegatingTransport):
     """A device's MQTT client as the fleet runner sees it (see the module docstring)."""
 
-    def __init__(self, inner: Transport, fate: Callable[[int], Fate]) -> None:
+    def __init__(self, inner: Transport, fate: Callable[[int], Fate | None]) -> None:
+        """``fate(round)``: None while it cannot be known yet (the announcement is held)."""
         super().__init__(inner)
         self._fate = fate
+        self._held: list[tuple[int, Message]] = []
         self._lock = threading.Lock()
         self._upload_bytes: defaultdict[int, int] = defaultdict(int)
         self._chunks_sent: defaultdict[int, int] = defaultdict(int)
@@ -90,6 +95,11 @@ class FleetWire(DelegatingTransport):
             return self._upload_bytes.get(round_id, 0)
 
     def receive(self, timeout: float | None = None) -> Message | None:
+        released = self._release()
+        if released is not None:
+            return released
+        if self._held:  # poll briefly: a held announcement may be decided any moment
+            timeout = 0.05 if timeout is None else min(timeout, 0.05)
         msg = self.inner.receive(timeout)
         if msg is None or not msg.payload or not _is_topic(msg.topic, RoundTopic):
             return msg
@@ -97,11 +107,23 @@ class FleetWire(DelegatingTransport):
             ann = decode(msg.payload, expect=RoundAnnouncement)
         except WireError:
             return msg  # the agent logs and drops it
-        if self._fate(ann.round) == "silent":
-            with self._lock:
-                self.dropped[ann.round] = "silent"
-            return None  # as if the device were off the air for this round
-        return msg
+        self._held.append((ann.round, msg))
+        return self._release()
+
+    def _release(self) -> Message | None:
+        """The first held announcement whose fate lets it through; drops the refused ones."""
+        for item in list(self._held):
+            round_id, msg = item
+            fate = self._fate(round_id)
+            if fate is None:
+                continue
+            self._held.remove(item)
+            if fate in ("silent", "offline"):
+                with self._lock:
+                    self.dropped[round_id] = fate
+                continue  # as if the device were off the air for this round
+            return msg
+        return None
 
     def publish(
         self,

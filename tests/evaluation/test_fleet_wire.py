@@ -96,6 +96,34 @@ def test_halfway_device_stops_after_half_of_its_chunks(chunks: int) -> None:
     assert dev.dropped == {4: "halfway"}
 
 
+def _announcement(round_id: int) -> RoundAnnouncement:
+    return RoundAnnouncement(
+        fleet=FLEET, round=round_id, deadline=2e9, global_version=0, quorum=1,
+        global_sha256=hashlib.sha256(b"").digest(), selected=("d",), upload_window_s=60.0,
+        chunk_size=256, budget_bytes={},
+    )  # fmt: skip
+
+
+def test_an_announcement_waits_until_its_fate_is_known() -> None:
+    # With availability windows a round's fate needs the simulated time it starts at.
+    known: dict[int, Fate] = {}
+    broker = MemoryBroker()
+    dev = FleetWire(MemoryClient(broker, MqttSettings(client_id="d")), known.get)
+    dev.connect()
+    dev.subscribe(round_topic(FLEET))
+    publisher = MemoryClient(broker, MqttSettings(client_id="p"))
+    publisher.connect()
+    publisher.publish(round_topic(FLEET), encode(_announcement(1)))
+    publisher.publish(round_topic(FLEET), encode(_announcement(2)))
+    assert dev.receive(0.05) is None and dev.receive(0.05) is None  # both held
+    known[2] = "offline"
+    assert dev.receive(0.05) is None and dev.dropped == {2: "offline"}
+    known[1] = "ok"
+    msg = dev.receive(0.05)
+    assert msg is not None and decode(msg.payload, expect=RoundAnnouncement).round == 1
+    assert dev.receive(0.05) is None
+
+
 def test_silent_device_never_sees_the_announcement() -> None:
     broker, dev, _ = _pair("silent")
     ann = RoundAnnouncement(
