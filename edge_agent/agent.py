@@ -137,6 +137,11 @@ class EdgeAgent:
         self.reports: list[UploadOutcome] = []
 
     @property
+    def rounds_given_up(self) -> frozenset[int]:
+        """Rounds this device could not train (e.g. a budget below the minimal payload)."""
+        return frozenset(self._given_up)
+
+    @property
     def current_round(self) -> int | None:
         """The round the agent is working on (None while idle); for log context."""
         return self._phase_round

@@ -62,7 +62,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "qsgd": {"method": "qsgd", "qsgd_bits": 4},
     "topk_ef": {"method": "topk", "error_feedback": True, "budgeted": True},
     "fstq": {"method": "fstq", "budgeted": True},
-    "fstq_percentile": {"method": "fstq", "allocation": "percentile", "budgeted": True},
+    # The paper's percentile bands fix the share of each width, not the bytes: unbudgeted.
+    "fstq_percentile": {"method": "fstq", "allocation": "percentile"},
     "fstq_ef": {"method": "fstq", "error_feedback": True, "budgeted": True},
     "fstq_stochastic": {"method": "fstq", "rounding": "stochastic", "budgeted": True},
 }
@@ -395,7 +396,10 @@ def _drive(
 
 
 def _finished(agent: EdgeAgent, round_id: int) -> bool:
-    return any(r.entry.round_id == round_id for r in agent.reports)
+    """The device is done with the round: its upload ended, or it gave the round up."""
+    return round_id in agent.rounds_given_up or any(
+        r.entry.round_id == round_id for r in agent.reports
+    )
 
 
 def _evaluate(fleet: Fleet, agg: Aggregator) -> dict[str, Any]:
