@@ -279,3 +279,28 @@ def wait_logged(caplog: pytest.LogCaptureFixture, text: str, timeout: float = 15
             return
         time.sleep(0.05)
     raise AssertionError(f"no log line containing {text!r}")
+
+
+def test_a_budget_below_the_minimal_payload_gives_the_round_up(
+    mosquitto: LocalBroker, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="edge_agent")
+    fleet, me = unique("f"), unique("dev")
+    compression = {"budget_mode": "fixed", "budget_bytes": 64}  # below fstq's side information
+    with FakeAggregator(mosquitto, fleet) as fake:
+        fake.announce(1, (me,))
+        agent = EdgeAgent(
+            agent_settings(mosquitto, fleet, me, tmp_path, compression=compression), seed=3
+        )
+        stop = threading.Event()
+        runner = threading.Thread(target=lambda: run_agent(agent, stop))
+        runner.start()
+        try:
+            wait_logged(caplog, "round 1: cannot train")
+            fake.wait_for(lambda: "error" in fake.states(me))
+        finally:
+            stop.set()
+            runner.join(15)
+        # Given up, not crashed: nothing uploaded, the round marked so the device moves on.
+        assert agent.rounds_given_up == frozenset({1}) and fake.manifests == []
+        assert agent.rounds_trained == 0 and not runner.is_alive()
