@@ -119,8 +119,9 @@ def _print_round(method: str, r: dict[str, Any]) -> None:
 
 def merge_records(records: list[dict[str, Any]]) -> dict[str, Any]:
     """One record from runs of the same fleet (config equal but for what runs measured)."""
-    # What a run measured, and how long it ran: a method may run longer to reach the target.
-    own = ("budget_bytes", "dense_fp16_bytes", "links", "rounds")
+    # What a run measured, how long it ran (a method may run longer to reach the target), and
+    # the budget (a method setting: runs at another budget keep their methods apart, below).
+    own = ("budget_bytes", "dense_fp16_bytes", "links", "rounds", "budget_fraction")
     first = records[0]
     merged: dict[str, Any] = {"config": first["config"], "methods": {}}
     for rec in records:
@@ -130,7 +131,11 @@ def merge_records(records: list[dict[str, Any]]) -> dict[str, Any]:
         }  # fmt: skip
         if mismatch:
             raise ValueError(f"runs differ in {sorted(mismatch)}: not the same fleet")
-        merged["methods"].update(rec["methods"])
+        fraction = rec["config"].get("budget_fraction")
+        for label, method in rec["methods"].items():
+            other_budget = fraction != first["config"].get("budget_fraction")
+            key = f"{label}@{fraction:g}" if other_budget and method.get("budget_bytes") else label
+            merged["methods"][key] = method
     return merged
 
 

@@ -34,6 +34,16 @@ def test_merge_keeps_every_method_of_one_fleet() -> None:
     assert list(merged["methods"]) == ["dense_fp16", "fstq"]
 
 
+def test_merge_keeps_a_budgeted_method_at_another_budget_apart() -> None:
+    low = _record("fstq")
+    low["config"]["budget_fraction"] = 0.03125
+    low["methods"]["fstq"]["budget_bytes"] = 3
+    first = _record("fstq")
+    first["config"]["budget_fraction"] = 0.125
+    first["methods"]["fstq"]["budget_bytes"] = 10
+    assert list(merge_records([first, low])["methods"]) == ["fstq", "fstq@0.03125"]
+
+
 def test_merge_refuses_runs_of_different_fleets() -> None:
     with pytest.raises(ValueError, match="alpha"):
         merge_records([_record("dense_fp16"), _record("fstq", alpha=1.0)])
