@@ -24,8 +24,8 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -146,13 +146,9 @@ class Fleet:
     split: FederatedSplit
     held_out: HeldOut
     links: dict[str, LinkProfile]
-    names: list[str] = field(default_factory=list)
-
-    @property
-    def dense_fp16_bytes(self) -> int:
-        with self.shared.lock:
-            model = self.shared.peft_model(self.config.lora, seed=self.config.seed)
-            return 2 * sum(t.numel() for t in get_adapter_state(model).values())
+    names: list[str]
+    #: Size of one dense fp16 update of this LoRA (the budgets' and ratios' reference).
+    dense_fp16_bytes: int
 
     @property
     def budget_bytes(self) -> int:
@@ -184,7 +180,9 @@ def prepare(
         tokenizer, split.test, by=config.partition_by, max_len=config.max_len,
         generation_examples=config.generation_examples, rng=np.random.default_rng([config.seed, 2]),
     )  # fmt: skip
-    return Fleet(config, workdir, broker, shared, split, held_out, links, names)
+    model = shared.peft_model(config.lora, seed=config.seed)
+    dense = 2 * sum(t.numel() for t in get_adapter_state(model).values())
+    return Fleet(config, workdir, broker, shared, split, held_out, links, names, dense)
 
 
 def _fleet_id(label: str, seed: int) -> str:
@@ -360,7 +358,7 @@ def run_method(
 
 def _drive(
     fleet: Fleet, agg: Aggregator, agents: dict[str, EdgeAgent], clock: FleetClock, fates: _Fates
-) -> Any:
+) -> Iterator[dict[str, Any]]:
     """Step the aggregator until it is done; yield each round record as the round ends."""
     c = fleet.config
     index = {n: i for i, n in enumerate(fleet.names)}

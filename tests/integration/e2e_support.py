@@ -198,15 +198,6 @@ class OffsetClock:
 # -- transport wrappers ---------------------------------------------------------------------
 
 
-class _Delegating(DelegatingTransport):
-    """A ``Transport`` forwarding everything to a real ``MqttClient``."""
-
-    inner: MqttClient
-
-    def __init__(self, inner: MqttClient) -> None:
-        super().__init__(inner)
-
-
 def _is_upload(topic: str) -> bool:
     try:
         return isinstance(parse_topic(topic), UploadTopic)
@@ -214,7 +205,7 @@ def _is_upload(topic: str) -> bool:
         return False
 
 
-class AgentWire(_Delegating):
+class AgentWire(DelegatingTransport):
     """An edge agent's real MQTT client, recording the upload messages it publishes.
 
     Fault injection:
@@ -303,7 +294,7 @@ class AgentWire(_Delegating):
                 self.on_cut()
 
 
-class AggregatorWire(_Delegating):
+class AggregatorWire(DelegatingTransport):
     """The aggregator's real MQTT client, recording every upload chunk it takes in."""
 
     def __init__(self, settings: MqttSettings) -> None:
