@@ -1,8 +1,13 @@
 # The two commands of the README. Each does its own set-up on a fresh machine.
-.PHONY: setup demo test check bench-codec bench-faults bench-fleet bench-inference
+.PHONY: setup lock demo test check bench-codec bench-faults bench-fleet bench-inference
 
 setup:
 	bash scripts/setup.sh
+
+# Refresh the lock files deliberately (today's releases within pyproject's ranges); commit the
+# result after `make test` passes with it.
+lock:
+	bash scripts/lock.sh
 
 demo: setup
 	.venv/bin/fedfstq demo $(ARGS)

@@ -35,6 +35,7 @@ from broker.messages import RoundAnnouncement, UploadManifest
 from fstq.compressors import DecodeLimits, decompress
 from fstq.errors import DecodeError as PayloadDecodeError
 from workload.batches import Example
+from workload.models import base_model_reference
 
 __all__ = ["Event", "OpenRound", "RoundController"]
 
@@ -78,6 +79,7 @@ class RoundController:
         self._eval_examples = list(eval_examples)
         self._policy = settings.rounds.policy()
         self._spec = settings.lora.spec()
+        self._base_reference: str | None = None
         self._global: GlobalAdapter | None = None
         self.round: OpenRound | None = None
         self.between = _idle_metrics()  # traffic while no round is open
@@ -361,7 +363,11 @@ class RoundController:
 
     def _save(self, g: GlobalAdapter, round_id: int | None, now: float) -> None:
         directory = self.settings.global_dir(g.version)
-        g.save(directory, self._spec, self.settings.model)
+        if self._base_reference is None:  # the tiny model's is a directory written on first use
+            self._base_reference = base_model_reference(
+                self.settings.model, self.settings.model_cache_dir
+            )
+        g.save(directory, self._spec, self._base_reference)
         self.store.add_global(GlobalRecord(g.version, round_id, g.sha256_hex, str(directory), now))
 
 

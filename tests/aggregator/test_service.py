@@ -19,7 +19,7 @@ from typing import Any
 import msgpack
 import pytest
 import torch
-from peft import PeftModel, get_peft_model_state_dict
+from peft import AutoPeftModelForCausalLM, PeftModel, get_peft_model_state_dict
 from service_support import (
     Device,
     FakeClock,
@@ -119,9 +119,11 @@ def test_full_round_closes_early_and_publishes_the_fedavg_global(
     _assert_close(global_state(settings, 1), expected, atol=1e-6)
     base, _ = tiny_loader()
     loaded = PeftModel.from_pretrained(base, str(settings.global_dir(1)))
-    # save_embedding_layers=False: peft would look up the base model "tiny" on the Hub.
-    state = get_peft_model_state_dict(loaded, save_embedding_layers=False)
+    state = get_peft_model_state_dict(loaded)
     _assert_close(state, expected, atol=1e-6)
+    # The usual way too: adapter_config.json names a base model that loads (the tiny one's dir).
+    auto = AutoPeftModelForCausalLM.from_pretrained(str(settings.global_dir(1)))
+    _assert_close(get_peft_model_state_dict(auto), expected, atol=1e-6)
     # ... the downlink carries it as fp16 ...
     download = Download(manifest1)
     for c in everything:

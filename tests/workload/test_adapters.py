@@ -14,7 +14,17 @@ from workload.adapters import (
     load_peft_dir,
     save_peft_dir,
 )
-from workload.models import TINY, LoraSpec, load_base_model, make_peft_model, model_dir
+from workload.models import (
+    SMOLLM2,
+    SMOLLM2_HUB_ID,
+    TINY,
+    LoraSpec,
+    ModelLoadError,
+    base_model_reference,
+    load_base_model,
+    make_peft_model,
+    model_dir,
+)
 
 
 def test_bytes_round_trip_and_determinism() -> None:
@@ -51,3 +61,22 @@ def test_peft_directory_loads_with_stock_peft(tmp_path: Path) -> None:
     got = get_peft_model_state_dict(loaded)
     assert got.keys() == state.keys()
     assert all(torch.equal(got[k], state[k]) for k in state)
+
+
+def test_adapter_configs_name_a_base_that_loads_the_usual_way(tmp_path: Path) -> None:
+    """SmolLM2 by its public id; a model directory by its absolute path; tiny by a saved copy."""
+    assert base_model_reference(SMOLLM2) == SMOLLM2_HUB_ID
+    local = model_dir(SMOLLM2)
+    assert base_model_reference(local) == str(local.resolve())
+    with pytest.raises(ModelLoadError):
+        base_model_reference(tmp_path)  # not a model directory
+    # The default cache, like the services (a private one would convert SmolLM2 again).
+    tiny_dir = Path(base_model_reference(TINY))
+    assert (tiny_dir / "config.json").is_file() and tiny_dir.is_absolute()
+    assert base_model_reference(TINY) == str(tiny_dir)  # saved once, found again
+    from transformers import AutoModelForCausalLM
+
+    saved = AutoModelForCausalLM.from_pretrained(str(tiny_dir), local_files_only=True)
+    built, _ = load_base_model(TINY)
+    assert saved.state_dict().keys() == built.state_dict().keys()
+    assert all(torch.equal(saved.state_dict()[k], v) for k, v in built.state_dict().items())
