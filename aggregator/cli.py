@@ -1,7 +1,8 @@
 """`fedfstq aggregator`: run the service, or `--check` the health of a running one.
 
-The console entry point (`fedfstq.cli`) builds the parser with :func:`add_arguments`, sets up
-logging and calls :func:`main`. Configuration precedence: command-line flags, then
+The console entry point (`fedfstq.cli`) builds the parser with :func:`add_arguments` (defined
+in the light :mod:`aggregator.arguments`, so `fedfstq --help` stays fast), sets up logging and
+calls :func:`main`. Configuration precedence: command-line flags, then
 `FEDFSTQ_AGG_*` environment variables, then the TOML file.
 
 Exit codes: 0 ok (stopped by SIGTERM/SIGINT, or `max_rounds` done; `--check`: healthy),
@@ -20,11 +21,11 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
+from aggregator.arguments import add_arguments
 from aggregator.global_adapter import LoraMismatchError
 from aggregator.service import Aggregator
 from aggregator.settings import AggregatorSettings
@@ -54,16 +55,6 @@ EXIT_UNEXPECTED = 1
 EXIT_CONFIG = 2
 EXIT_MODEL = 3
 EXIT_BROKER = 4
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="TOML file (tables as in aggregator/README)")
-    parser.add_argument(
-        "--check", action="store_true", help="exit 0 if the store opens and the service is alive"
-    )
-    parser.add_argument("--state-dir", type=Path, help="overrides state_dir")
-    parser.add_argument("--broker-host", help="overrides mqtt.host")
-    parser.add_argument("--broker-port", type=int, help="overrides mqtt.port")
 
 
 def load_settings(args: argparse.Namespace) -> AggregatorSettings:

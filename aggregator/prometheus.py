@@ -10,13 +10,15 @@ Uplink bytes split three ways, summing to every PUBLISH received on ``up/`` topi
 ``uplink_wire_bytes``): ``payload`` (chunk data, first copies), ``resent`` (chunk data of
 duplicate chunks) and ``framing`` (everything else: msgpack envelopes, MQTT headers, topics,
 properties, manifests and messages that were refused before their data counted).
+Downlink bytes (``GlobalChunk`` messages answering fetches) split the same way into ``payload``
+and ``framing``, summing to the rounds' ``downlink_wire_bytes``.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
@@ -32,6 +34,9 @@ NAMESPACE = "fedfstq_aggregator"
 _UPLOAD_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 #: Aggregation + writing the new global + evaluation.
 _CLOSE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+#: A round ends when all selected clients arrived, or at its timeout plus extensions (default
+#: 300 s + 2 x 60 s); fleets of slow boards run rounds of an hour or more.
+_ROUND_BUCKETS = (10, 30, 60, 120, 300, 420, 600, 900, 1800, 3600, 7200, 14400)
 
 
 class ServiceMetrics:
@@ -81,6 +86,14 @@ class ServiceMetrics:
             namespace=ns,
             registry=reg,
         )
+        self.sent_bytes = Counter(
+            "downlink_sent_bytes",
+            "Bytes of global adapter chunks sent on down topics (MQTT PUBLISH size), by kind: "
+            "payload, framing.",
+            ["kind"],
+            namespace=ns,
+            registry=reg,
+        )
         self.upload_seconds = Histogram(
             "upload_completion_seconds",
             "From an upload's first manifest to its last chunk (accepted uploads).",
@@ -95,6 +108,14 @@ class ServiceMetrics:
             registry=reg,
             buckets=_CLOSE_BUCKETS,
         )
+        self.round_seconds = Histogram(
+            "round_duration_seconds",
+            "From opening a round to its end, by status (closed, failed).",
+            ["status"],
+            namespace=ns,
+            registry=reg,
+            buckets=_ROUND_BUCKETS,
+        )
         self.current_round = Gauge(
             "current_round", "Id of the latest round opened (0: none yet).", namespace=ns,
             registry=reg,
@@ -105,11 +126,22 @@ class ServiceMetrics:
         self.global_version = Gauge(
             "global_version", "Version of the current global adapter.", namespace=ns, registry=reg
         )
+        self.round_selected = Gauge(
+            "round_selected_clients", "Clients selected for the open round (0: none open).",
+            namespace=ns, registry=reg,
+        )  # fmt: skip
+        self.clients_live = Gauge(
+            "clients_live", "Clients heard from within rounds.heartbeat_ttl_s.", namespace=ns,
+            registry=reg,
+        )  # fmt: skip
         # Expose the label values before they first happen (rate() needs a starting sample).
         for status in ("closed", "failed"):
             self.rounds_closed.labels(status)
+            self.round_seconds.labels(status)
         for kind in ("payload", "resent", "framing"):
             self.received_bytes.labels(kind)
+        for kind in ("payload", "framing"):
+            self.sent_bytes.labels(kind)
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -117,11 +149,14 @@ class ServiceMetrics:
 
     def uplink(self, wire_bytes: int, chunk_kind: str | None, chunk_bytes: int) -> None:
         """One message on an upload topic; ``chunk_kind`` is payload/resent for counted chunks."""
-        framing = wire_bytes
-        if chunk_kind is not None:
-            self.received_bytes.labels(chunk_kind).inc(chunk_bytes)
-            framing -= chunk_bytes
-        self.received_bytes.labels("framing").inc(max(framing, 0))
+        _split_bytes(self.received_bytes, wire_bytes, chunk_kind, chunk_bytes)
+
+    def downlink(self, wire_bytes: int, payload_bytes: int) -> None:
+        """Global adapter chunks sent in answer to one fetch."""
+        _split_bytes(self.sent_bytes, wire_bytes, "payload", payload_bytes)
+
+    def live(self, clients: int) -> None:
+        self.clients_live.set(clients)
 
     def rejection(self, reason: str, *, late: bool) -> None:
         (self.uploads_late if late else self.uploads_rejected).labels(reason).inc()
@@ -136,6 +171,7 @@ class ServiceMetrics:
         self.clients_selected.inc(len(selected))
         self.current_round.set(round_id)
         self.round_open.set(1)
+        self.round_selected.set(len(selected))
 
     def ended(self, record: Mapping[str, Any]) -> None:
         """A round's ``rounds.jsonl`` record (closed or failed)."""
@@ -143,13 +179,17 @@ class ServiceMetrics:
         self.rounds_closed.labels(status).inc()
         if status == "closed":
             self.aggregation_seconds.observe(float(record.get("close_s", 0.0)))
+        self.round_seconds.labels(status).observe(max(float(record["duration_s"]), 0.0))
         self.round_open.set(0)
+        self.round_selected.set(0)
         self.global_version.set(int(record["global_version"]))
 
-    def state(self, last_round: int, round_open: bool, version: int) -> None:
-        """Gauges at start-up (a resumed round, the stored global)."""
+    def state(self, last_round: int, open_selected: Collection[str] | None, version: int) -> None:
+        """Gauges at start-up: the latest round, the resumed round's selection (None: no round
+        open), the stored global."""
         self.current_round.set(last_round)
-        self.round_open.set(1 if round_open else 0)
+        self.round_open.set(0 if open_selected is None else 1)
+        self.round_selected.set(0 if open_selected is None else len(open_selected))
         self.global_version.set(version)
 
     # -- the HTTP endpoint ---------------------------------------------------------------------
@@ -178,3 +218,11 @@ class ServiceMetrics:
         if self._thread is not None:
             self._thread.join(5)
             self._thread = None
+
+
+def _split_bytes(counter: Counter, wire_bytes: int, kind: str | None, kind_bytes: int) -> None:
+    """Count ``kind_bytes`` of a message under ``kind`` and the rest of it as ``framing``."""
+    if kind is not None:
+        counter.labels(kind).inc(kind_bytes)
+        wire_bytes -= kind_bytes
+    counter.labels("framing").inc(max(wire_bytes, 0))

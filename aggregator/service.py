@@ -20,6 +20,7 @@ from collections.abc import Callable
 from aggregator.adapter_model import AdapterModel, ModelLoader, default_loader, load_eval_examples
 from aggregator.fedavg import RejectedUpdate
 from aggregator.metrics import received_wire_bytes
+from aggregator.progress import ProgressReporter
 from aggregator.prometheus import ServiceMetrics
 from aggregator.round_controller import Event, RoundController
 from aggregator.rounds import live_clients
@@ -58,7 +59,9 @@ from broker.topics import (
     down_topic,
     global_manifest_topic,
     parse_topic,
+    progress_topic,
     round_topic,
+    status_filter,
 )
 from broker.transport import Message, PublishHandle, Transport
 from workload.batches import Example
@@ -112,6 +115,7 @@ class Aggregator:
         self._throttle: OrderedDict[UploadKey, float] = OrderedDict()
         self._last_seen: dict[str, float] = {}
         self._retained: list[PublishHandle] = []
+        self._progress = ProgressReporter(settings.fleet, settings.progress_interval_s)
         self._next_health = 0.0
 
     # -- public state ------------------------------------------------------------------------
@@ -165,14 +169,19 @@ class Aggregator:
         self._controller = RoundController(s, store, self._model, examples)
         self._controller.load(now)
         rounds = self._controller
-        self.prometheus.state(rounds.last_round_id, rounds.round is not None, self.global_version)
+        resumed = None if rounds.round is None else rounds.round.state.selected
+        self.prometheus.state(rounds.last_round_id, resumed, self.global_version)
         if s.metrics_port:
             self.prometheus.serve(s.metrics_host, s.metrics_port)
         client = self._client_factory(s.mqtt)
         self._client = client
         client.connect(timeout=s.start_timeout_s)
         for topic_filter in aggregator_filters(self._fleet):
-            client.subscribe(topic_filter)
+            # Statuses at QoS 0: the broker queues none of them for us while we are away (each
+            # device's retained last status is what counts), so they never crowd out chunks.
+            client.subscribe(
+                topic_filter, qos=0 if topic_filter == status_filter(self._fleet) else 1
+            )
         self._publish_global()
         if self.rounds.round is not None:
             self._announce()
@@ -230,7 +239,9 @@ class Aggregator:
                 self._last_seen[topic.client] = now
                 self._on_fetch(topic, decode(msg.payload, expect=FetchRequest), now)
             elif isinstance(topic, StatusTopic):
-                self._on_status(topic, decode(msg.payload, expect=ClientStatus), now)
+                status = decode(msg.payload, expect=ClientStatus)
+                # A retained status is a device's last word: heard when it says, not now.
+                self._on_status(topic, status, min(now, status.timestamp) if msg.retain else now)
         except WireError as exc:  # undecodable: no upload id to answer, so count and log only
             round_id = topic.round if isinstance(topic, UploadTopic) else None
             client = getattr(topic, "client", None)
@@ -262,7 +273,9 @@ class Aggregator:
         dest = down_topic(self._fleet, topic.client)
         expiry = self.settings.downlink_expiry_s
         wire = sum(self._publish(dest, encode(c), expiry_s=expiry).size for c in chunks)
-        self.rounds.metrics.add_downlink(len(chunks), sum(len(c.data) for c in chunks), wire)
+        payload = sum(len(c.data) for c in chunks)
+        self.rounds.metrics.add_downlink(len(chunks), payload, wire)
+        self.prometheus.downlink(wire, payload)
 
     # -- uploads -----------------------------------------------------------------------------
 
@@ -467,8 +480,10 @@ class Aggregator:
             self._note_rejection(key.round, key.client, "expired", "upload TTL passed",
                                        now, late=True)  # fmt: skip
         ttl = self.settings.rounds.heartbeat_ttl_s
-        live = live_clients(self._last_seen, now, ttl) if self.rounds.round is None else []
+        live = live_clients(self._last_seen, now, ttl)  # the controller uses it between rounds
+        self.prometheus.live(len(live))
         round_id = self.open_round
+        self._report_progress(None, now)  # an arrival that completes the round: before closing
         event = self.rounds.tick(now, live)
         if event is Event.OPENED:
             self._last_seen = {c: t for c, t in self._last_seen.items() if c in live}  # bounded
@@ -485,6 +500,7 @@ class Aggregator:
                 self._forget(key)
             if event is Event.CLOSED:
                 self._publish_global()
+        self._report_progress(event, now)
 
     # -- publishing --------------------------------------------------------------------------
 
@@ -494,6 +510,14 @@ class Aggregator:
     def _publish_global(self) -> None:
         manifest = self.rounds.current.manifest
         self._publish_retained(global_manifest_topic(self._fleet), encode(manifest))
+
+    def _report_progress(self, event: Event | None, now: float) -> None:
+        """The retained round progress for observers (not protocol traffic: not in the bytes)."""
+        rounds = self.rounds
+        progress = self._progress.poll(rounds.round, event, rounds.last_record, now)
+        if progress is not None:
+            handle = self._publish(progress_topic(self._fleet), encode(progress), retain=True)
+            self._retained = [h for h in self._retained if not h.done()] + [handle]
 
     def _publish_retained(self, topic: str, payload: bytes) -> None:
         handle = self._publish(topic, payload, retain=True)

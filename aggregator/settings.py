@@ -175,6 +175,9 @@ class AggregatorSettings(ServiceSettings):
     #: At most one `unknown` ack per upload in this many seconds (a restarted aggregator would
     #: otherwise answer every chunk of an in-flight upload).
     unknown_ack_interval_s: Annotated[float, Field(ge=0)] = 5.0
+    #: The retained round progress for observers (topic `progress`) goes out at most this often
+    #: while only counters change; a round opening, extended or ending publishes at once.
+    progress_interval_s: Positive = 1.0
     #: How long start-up waits for the broker's CONNACK before giving up (exit code 4).
     start_timeout_s: Positive = 10.0
     #: Longest wait in MQTT receive before the loop ticks the round clock.

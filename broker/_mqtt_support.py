@@ -37,6 +37,8 @@ class _DemoteReconnectNoise(logging.Filter):
         msg = record.getMessage()
         if msg.startswith("Client is not connected") or msg.endswith("client closing"):
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            # The logger checked the level before this filter ran: check it again.
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
         return True
 
 

@@ -31,6 +31,7 @@ from broker.messages import (
     GlobalChunk,
     GlobalManifest,
     RoundAnnouncement,
+    RoundProgress,
     UploadAck,
     UploadChunk,
     UploadManifest,
@@ -53,6 +54,7 @@ KINDS: Final[dict[str, type[WireMessage]]] = {
         FetchRequest,
         GlobalChunk,
         ClientStatus,
+        RoundProgress,
     )
 }
 

@@ -33,6 +33,8 @@ __all__ = [
     "GlobalManifest",
     "Metadata",
     "RoundAnnouncement",
+    "RoundPhase",
+    "RoundProgress",
     "Scalar",
     "UploadAck",
     "UploadChunk",
@@ -110,6 +112,12 @@ class ClientState(StrEnum):
     DOWNLOADING = "downloading"
     ERROR = "error"
     OFFLINE = "offline"
+
+
+class RoundPhase(StrEnum):
+    OPEN = "open"
+    CLOSED = "closed"
+    FAILED = "failed"
 
 
 class _Wire(BaseModel):
@@ -248,6 +256,38 @@ class ClientStatus(_Wire):
     info: Metadata = {}
 
 
+class RoundProgress(_Wire):
+    """Where the round stands (retained on ``progress``): for observers, never for devices.
+
+    Published by the aggregator on arrivals, rejections and deadline changes (rate-limited) and
+    when the round ends. Byte counts are MQTT packet bytes charged to the round so far, as in
+    ``rounds.jsonl`` (``uplink_wire_bytes``, ``downlink_wire_bytes``).
+    """
+
+    kind: ClassVar[str] = "progress"
+    fleet: Id
+    round: RoundId
+    phase: RoundPhase = Field(strict=False)
+    base_version: Version
+    selected: Annotated[tuple[Id, ...], Field(max_length=MAX_CLIENTS)]
+    arrived: Annotated[tuple[Id, ...], Field(max_length=MAX_CLIENTS)]
+    rejected: Count
+    late: Count
+    opened_at: UnixTime
+    deadline: UnixTime
+    uplink_wire_bytes: Count
+    downlink_wire_bytes: Count
+    timestamp: UnixTime
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if not set(self.arrived) <= set(self.selected):
+            raise ValueError("arrived names a client that is not selected")
+        if len(set(self.arrived)) != len(self.arrived):
+            raise ValueError("arrived client ids must be unique")
+        return self
+
+
 WireMessage = (
     RoundAnnouncement
     | UploadManifest
@@ -257,4 +297,5 @@ WireMessage = (
     | FetchRequest
     | GlobalChunk
     | ClientStatus
+    | RoundProgress
 )

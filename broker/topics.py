@@ -8,7 +8,8 @@ Layout (``<fleet>`` and ``<client>`` are ids, ``<round>`` a decimal round number
     fstq/v1/<fleet>/global/manifest         global adapter manifest     aggregator -> all, retained
     fstq/v1/<fleet>/fetch/<client>          global chunk fetch request  device -> aggregator
     fstq/v1/<fleet>/down/<client>           global adapter chunks       aggregator -> device
-    fstq/v1/<fleet>/status/<client>         heartbeat / will            device -> aggregator
+    fstq/v1/<fleet>/status/<client>         status, progress, will      device -> all, retained
+    fstq/v1/<fleet>/progress                round progress              aggregator -> all, retained
 
 The client id is always the segment right after the family name, so one Mosquitto ACL
 ``pattern`` line per family can pin it to the authenticated user (``%u``) or client id (``%c``),
@@ -35,6 +36,7 @@ __all__ = [
     "DownTopic",
     "FetchTopic",
     "GlobalManifestTopic",
+    "ProgressTopic",
     "RoundTopic",
     "StatusTopic",
     "Topic",
@@ -48,14 +50,17 @@ __all__ = [
     "fetch_filter",
     "fetch_topic",
     "global_manifest_topic",
+    "observer_filters",
     "parse_ack_topic",
     "parse_down_topic",
     "parse_fetch_topic",
     "parse_global_manifest_topic",
+    "parse_progress_topic",
     "parse_round_topic",
     "parse_status_topic",
     "parse_topic",
     "parse_upload_topic",
+    "progress_topic",
     "round_topic",
     "shared",
     "status_filter",
@@ -101,24 +106,46 @@ def _segments(topic: str, family: str, n_after: int) -> list[str]:
 
 
 @dataclass(frozen=True, slots=True)
-class RoundTopic:
-    """``fstq/v1/<fleet>/round`` (retained RoundAnnouncement)."""
+class _FleetTopic:
+    """Shared shape of ``fstq/v1/<fleet>/<family>`` topics (one per fleet, retained)."""
 
-    family: ClassVar[str] = "round"
+    family: ClassVar[str] = ""
     fleet: str
 
     def __post_init__(self) -> None:
         validate_id(self.fleet, "fleet")
 
     def __str__(self) -> str:
-        return f"{PREFIX}/{self.fleet}/round"
+        return f"{PREFIX}/{self.fleet}/{self.family}"
+
+    @classmethod
+    def _parse(cls, topic: str) -> str:
+        parts = topic.split("/") if isinstance(topic, str) else []
+        if len(parts) != 4 or f"{parts[0]}/{parts[1]}" != PREFIX or parts[3] != cls.family:
+            raise TopicError(f"not a {cls.family} topic: {topic!r}")
+        return validate_id(parts[2], "fleet")
+
+
+@dataclass(frozen=True, slots=True)
+class RoundTopic(_FleetTopic):
+    """``fstq/v1/<fleet>/round`` (retained RoundAnnouncement)."""
+
+    family: ClassVar[str] = "round"
 
     @classmethod
     def parse(cls, topic: str) -> RoundTopic:
-        parts = topic.split("/") if isinstance(topic, str) else []
-        if len(parts) != 4 or f"{parts[0]}/{parts[1]}" != PREFIX or parts[3] != "round":
-            raise TopicError(f"not a round topic: {topic!r}")
-        return cls(validate_id(parts[2], "fleet"))
+        return cls(cls._parse(topic))
+
+
+@dataclass(frozen=True, slots=True)
+class ProgressTopic(_FleetTopic):
+    """``fstq/v1/<fleet>/progress`` (retained RoundProgress, for observers)."""
+
+    family: ClassVar[str] = "progress"
+
+    @classmethod
+    def parse(cls, topic: str) -> ProgressTopic:
+        return cls(cls._parse(topic))
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,7 +258,14 @@ class StatusTopic(_ClientTopic):
 
 
 Topic = (
-    RoundTopic | GlobalManifestTopic | UploadTopic | AckTopic | FetchTopic | DownTopic | StatusTopic
+    RoundTopic
+    | GlobalManifestTopic
+    | UploadTopic
+    | AckTopic
+    | FetchTopic
+    | DownTopic
+    | StatusTopic
+    | ProgressTopic
 )
 
 _PARSERS: dict[str, Callable[[str], Topic]] = {
@@ -242,6 +276,7 @@ _PARSERS: dict[str, Callable[[str], Topic]] = {
     "fetch": FetchTopic.parse,
     "down": DownTopic.parse,
     "status": StatusTopic.parse,
+    "progress": ProgressTopic.parse,
 }
 
 
@@ -276,6 +311,10 @@ def status_topic(fleet: str, client: str) -> str:
     return str(StatusTopic(fleet, client))
 
 
+def progress_topic(fleet: str) -> str:
+    return str(ProgressTopic(fleet))
+
+
 # -- parsers (one per family, plus a dispatcher) ---------------------------------------------
 
 
@@ -305,6 +344,10 @@ def parse_down_topic(topic: str) -> DownTopic:
 
 def parse_status_topic(topic: str) -> StatusTopic:
     return StatusTopic.parse(topic)
+
+
+def parse_progress_topic(topic: str) -> ProgressTopic:
+    return ProgressTopic.parse(topic)
 
 
 def parse_topic(topic: str) -> Topic:
@@ -354,6 +397,19 @@ def device_filters(fleet: str, client: str) -> tuple[str, str, str, str]:
         global_manifest_topic(fleet),
         ack_topic(fleet, client),
         down_topic(fleet, client),
+    )
+
+
+def observer_filters(fleet: str) -> tuple[str, str, str, str]:
+    """What an observer (``fedfstq status``, the demo) reads: all retained state of a fleet.
+
+    The round announcement, the global manifest, the round progress and every device's status.
+    """
+    return (
+        round_topic(fleet),
+        global_manifest_topic(fleet),
+        progress_topic(fleet),
+        status_filter(fleet),
     )
 
 

@@ -34,8 +34,11 @@ from broker.messages import (
     GlobalChunk,
     GlobalManifest,
     RoundAnnouncement,
+    Scalar,
     UploadAck,
+    chunk_count_for,
 )
+from broker.progress import CAUSE_KEY, DeviceProgress, OfflineCause, Stage
 from broker.settings import MqttSettings
 from broker.topics import (
     AckTopic,
@@ -121,6 +124,9 @@ class EdgeAgent:
         self._fetcher: GlobalFetcher | None = None
         self._phase = ClientState.IDLE
         self._phase_round: int | None = None
+        self._progress: DeviceProgress | None = None  # within the phase, for observers
+        self._progress_due = False  # a change the rate limit held back
+        self._last_status = -math.inf
         self._next_heartbeat = 0.0
         self._manifest: GlobalManifest | None = None
         self._announcement: RoundAnnouncement | None = None
@@ -216,7 +222,8 @@ class EdgeAgent:
         s = self.settings
         will = Will(
             status_topic(self._fleet, self._me),
-            encode(self._status(ClientState.OFFLINE, None)),
+            encode(self._status(ClientState.OFFLINE, None, OfflineCause.LINK_LOST)),
+            retain=True,
             delay_s=s.will_delay_s,
         )
         client = self._client = self._make_transport(s.mqtt, will)
@@ -246,7 +253,8 @@ class EdgeAgent:
             try:
                 client.publish_wait(
                     status_topic(self._fleet, self._me),
-                    encode(self._status(ClientState.OFFLINE, None)),
+                    encode(self._status(ClientState.OFFLINE, None, OfflineCause.STOPPED)),
+                    retain=True,
                     timeout=5.0,
                 )
             except TransportError as exc:
@@ -283,6 +291,12 @@ class EdgeAgent:
             self._publish_status(now)
         self._uploader.tick(now)
         self._fetcher.tick(now)
+        if self._phase is ClientState.UPLOADING:
+            self._report(self._uploader.progress(), now)
+        elif self._phase is ClientState.DOWNLOADING:
+            self._report(self._fetcher.progress(), now)
+        if self._progress_due and now - self._last_status >= self.settings.progress_s:
+            self._publish_status(now)
         self._notifier.watchdog()
 
     def _dispatch(self, msg: Message) -> None:
@@ -362,16 +376,20 @@ class EdgeAgent:
             # disagree); it comes as soon as the aggregator publishes it.
             self._log_once(ann.round, "waiting for the global manifest of the announced version")
             return
-        if self._fetcher.downloading != m.version:
-            self._set_phase(ClientState.DOWNLOADING, ann.round)
+        starting = self._fetcher.downloading != m.version
         self._fetcher.want(m, now)
+        if starting:
+            self._set_phase(ClientState.DOWNLOADING, ann.round, self._fetcher.progress())
 
     def _train_and_upload(self, ann: RoundAnnouncement, current: GlobalAdapter) -> None:
         assert self._outbox is not None and self._uploader is not None
         r = ann.round
-        self._set_phase(ClientState.TRAINING, r)
+        steps = self.settings.training.steps
+        self._set_phase(ClientState.TRAINING, r, DeviceProgress(Stage.TRAINING, 0, steps))
         try:
-            entry, result = self._model.run_round(current, ann, created_at=self._clock())
+            entry, result = self._model.run_round(
+                current, ann, created_at=self._clock(), progress=self._on_training
+            )
         except (ValueError, FstqError, AdapterFormatError, ModelLoadError) as exc:
             # FstqError covers an unmeetable budget and a global adapter that does not fit the
             # model; neither improves by retrying this round, so it is given up.
@@ -386,7 +404,8 @@ class EdgeAgent:
         if self._stop.is_set():
             log.info("stopping: upload of round %d stays in the outbox", r)
             return
-        self._set_phase(ClientState.UPLOADING, r)
+        chunks = chunk_count_for(entry.size, entry.chunk_size)
+        self._set_phase(ClientState.UPLOADING, r, DeviceProgress(Stage.UPLOADING, 0, chunks))
         self._uploader.start(entry, payload, self._clock())
 
     def _on_upload_finished(self, outcome: UploadOutcome) -> None:
@@ -408,36 +427,68 @@ class EdgeAgent:
 
     # -- status ------------------------------------------------------------------------------
 
-    def _status(self, state: ClientState, round_id: int | None) -> ClientStatus:
+    def _status(
+        self, state: ClientState, round_id: int | None, cause: OfflineCause | None = None
+    ) -> ClientStatus:
         current = self._fetcher.current if self._fetcher is not None else None
-        info: dict[str, str | bool | int | float] = {}
+        info: dict[str, Scalar] = {}
         if current is not None:
             info["global_version"] = current.version
+        if cause is not None:
+            info[CAUSE_KEY] = cause.value
+        elif self._progress is not None:
+            info.update(self._progress.to_info())
         return ClientStatus(
             client=self._me, state=state, timestamp=self._clock(), round=round_id, info=info
         )
 
-    def _set_phase(self, state: ClientState, round_id: int | None) -> None:
+    def _set_phase(
+        self, state: ClientState, round_id: int | None, progress: DeviceProgress | None = None
+    ) -> None:
         changed = (state, round_id) != (self._phase, self._phase_round)
         self._phase, self._phase_round = state, round_id
         if changed:
+            self._progress = progress
             where = f"round {round_id}" if round_id is not None else "no round"
             self._notifier.status(f"{where}: {state.value}")
             self._publish_status(self._clock())
 
+    def _report(self, progress: DeviceProgress | None, now: float) -> None:
+        """Progress within the phase: a new stage goes out at once, the rest rate-limited."""
+        old = self._progress
+        if progress is None or progress == old:
+            return
+        self._progress = progress
+        interval = self.settings.progress_s
+        if old is None or progress.stage != old.stage or now - self._last_status >= interval > 0:
+            self._publish_status(now)
+        else:
+            self._progress_due = interval > 0
+
+    def _on_training(self, progress: DeviceProgress) -> None:
+        """Called between training steps, which block the loop: progress and any heartbeat due."""
+        now = self._clock()
+        self._report(progress, now)
+        if now >= self._next_heartbeat:
+            self._publish_status(now)
+
     def _publish_status(self, now: float) -> None:
-        """Heartbeat: the current phase, expiring once the next heartbeat has superseded it."""
+        """Phase, progress and heartbeat, retained: an observer that connects later (and the
+        aggregator after a restart) gets the last one, whatever its age (its timestamp says).
+
+        No expiry: a retained copy must outlast a long training step. The aggregator takes
+        statuses at QoS 0, so none queue up for it while it is away."""
         client = self._client
         if client is None:
             return
-        s = self.settings
         client.publish(
             status_topic(self._fleet, self._me),
             encode(self._status(self._phase, self._phase_round)),
             qos=1,
-            expiry_s=max(1, math.ceil(2 * s.heartbeat_s)),
+            retain=True,
         )
-        self._next_heartbeat = now + s.heartbeat_s
+        self._last_status, self._progress_due = now, False
+        self._next_heartbeat = now + self.settings.heartbeat_s
 
     # -- logging -----------------------------------------------------------------------------
 

@@ -1,4 +1,6 @@
-"""``fedfstq agent``: arguments, settings assembly, ``--check-config``, and the daemon's main.
+"""``fedfstq agent``: settings assembly, ``--check-config``, and the daemon's main.
+
+The flags are defined in :mod:`edge_agent.arguments` (light, so ``fedfstq --help`` stays fast).
 
 The only place that reads the TOML file and the process environment (``FEDFSTQ_AGENT_*`` via
 :class:`AgentSettings`, ``$NOTIFY_SOCKET`` and ``$WATCHDOG_USEC`` for systemd). Logging is
@@ -26,6 +28,7 @@ from broker.errors import ConnectError, ConnectRefusedError
 from broker.log_context import LogContext, log_context
 from broker.settings import ConfigError, read_toml
 from edge_agent.agent import EdgeAgent
+from edge_agent.arguments import add_arguments
 from edge_agent.exit_codes import ExitCode, for_connect_refusal
 from edge_agent.lifecycle import (
     Notifier,
@@ -53,28 +56,6 @@ _OVERRIDES: dict[str, tuple[str, ...]] = {
     "broker_port": ("mqtt", "port"),
     "max_rounds": ("max_rounds",),
 }
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Register the agent's flags on ``parser`` (a ``fedfstq agent`` subparser)."""
-    parser.add_argument("--config", type=Path, metavar="PATH", help="agent TOML file")
-    parser.add_argument(
-        "--check-config",
-        action="store_true",
-        help="validate the configuration, read the data file, reach the broker, then exit",
-    )
-    parser.add_argument(
-        "--check-timeout", type=float, default=10.0, metavar="S", help="broker wait of the check"
-    )
-    over = parser.add_argument_group("overrides (take precedence over the TOML file)")
-    over.add_argument("--client-id", help="device id (also the MQTT client id)")
-    over.add_argument("--fleet", help="fleet id")
-    over.add_argument("--state-dir", type=Path, metavar="DIR", help="outbox, state, caches")
-    over.add_argument("--data", type=Path, metavar="PATH", help="local JSONL data file")
-    over.add_argument("--model", help='"smollm2", "tiny" or a model directory')
-    over.add_argument("--broker-host", metavar="HOST")
-    over.add_argument("--broker-port", type=int, metavar="PORT")
-    over.add_argument("--max-rounds", type=int, metavar="N", help="stop after N rounds (0: never)")
 
 
 def _env_name(path: tuple[str, ...]) -> str:

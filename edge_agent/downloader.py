@@ -20,6 +20,7 @@ from broker.chunking import Download
 from broker.codec import encode
 from broker.errors import StaleVersionError, WireError
 from broker.messages import GlobalChunk, GlobalManifest, Scalar
+from broker.progress import DeviceProgress, Stage
 from broker.topics import fetch_topic
 from broker.transport import Transport
 from edge_agent.device_state import DeviceState
@@ -102,6 +103,15 @@ class GlobalFetcher:
     def downloading(self) -> int | None:
         """Version being downloaded, if any."""
         return self._download.manifest.version if self._download is not None else None
+
+    def progress(self) -> DeviceProgress | None:
+        """Chunks of the version being downloaded received so far; None when not fetching."""
+        download = self._download
+        if download is None:
+            return None
+        return DeviceProgress(
+            Stage.FETCHING, download.reassembler.received, download.manifest.chunk_count
+        )
 
     def want(self, manifest: GlobalManifest, now: float) -> None:
         """Download ``manifest``'s version unless it is current or already on its way."""

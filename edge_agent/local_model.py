@@ -24,7 +24,7 @@ from edge_agent.downloader import GlobalAdapter
 from edge_agent.outbox import OutboxEntry
 from edge_agent.settings import AgentSettings, CompressionSettings
 from edge_agent.shared_model import SharedBaseModel
-from edge_agent.trainer import LocalTrainer, TrainResult, TrainSpec
+from edge_agent.trainer import LocalTrainer, ProgressCallback, TrainResult, TrainSpec
 from fstq.compressors import Compressor, make_compressor
 from fstq.config import FstqConfig
 from fstq.token_scores import TokenScores
@@ -207,6 +207,7 @@ class LocalModel:
         global_state: Mapping[str, torch.Tensor],
         budget_bytes: int | None,
         round_id: int,
+        progress: ProgressCallback | None = None,
     ) -> TrainResult:
         """One round: load the global adapter, train, compress within ``budget_bytes``."""
         assert self._trainer is not None, "ensure_adapter() first"
@@ -217,11 +218,16 @@ class LocalModel:
         with self._model_use():
             return self._trainer.train_round(
                 global_state, self._compressor, budget_bytes=budget_bytes, residual=residual,
-                rng=rng,
+                rng=rng, progress=progress,
             )  # fmt: skip
 
     def run_round(
-        self, current: GlobalAdapter, ann: RoundAnnouncement, *, created_at: float
+        self,
+        current: GlobalAdapter,
+        ann: RoundAnnouncement,
+        *,
+        created_at: float,
+        progress: ProgressCallback | None = None,
     ) -> tuple[OutboxEntry, TrainResult]:
         """Train round ``ann`` from ``current`` and describe the upload for the outbox.
 
@@ -232,7 +238,7 @@ class LocalModel:
             self.ensure_adapter(lora_spec_from(current.metadata))
         global_state = adapter_from_bytes(current.payload)
         budget = budget_for(self._settings, ann, sum(t.numel() for t in global_state.values()))
-        result = self.train(global_state, budget, ann.round)
+        result = self.train(global_state, budget, ann.round, progress)
         update = result.update
         # Travels in the manifest: what the aggregator may want to log about this update.
         meta: dict[str, Scalar] = {

@@ -77,6 +77,10 @@ class AgentSettings(ServiceSettings):
     training: TrainingSettings = TrainingSettings()
     compression: CompressionSettings = CompressionSettings()
     heartbeat_s: Annotated[float, Field(gt=0)] = 15.0
+    #: Progress in the status (training step and loss, chunks fetched or uploaded) goes out at
+    #: most this often; a new phase or stage always does. 0 = phases and heartbeats only. Each
+    #: status is about 150 B of uplink (not counted in the rounds' upload bytes).
+    progress_s: Annotated[float, Field(ge=0)] = 5.0
     #: Re-send the manifest (asking for a fresh acknowledgement) after this long without one.
     ack_timeout_s: Annotated[float, Field(gt=0)] = 10.0
     #: Re-request missing global-adapter chunks after this long without progress.

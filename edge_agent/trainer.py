@@ -8,20 +8,25 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from broker.progress import DeviceProgress, Stage
 from fstq.compressors import CompressedUpdate, Compressor
 from fstq.config import FstqConfig
 from fstq.token_scores import TokenScores
 from fstq.training import FstqTrainingHook, get_adapter_state, set_adapter_state
 from workload.batches import Example, batches
 
-__all__ = ["LocalTrainer", "TrainResult", "TrainSpec"]
+__all__ = ["LocalTrainer", "ProgressCallback", "TrainResult", "TrainSpec"]
+
+#: Told after every local step (``training``, steps done, loss) and when compression starts; it
+#: runs in the training thread, so it must be quick (the agent publishes a status from it).
+ProgressCallback = Callable[[DeviceProgress], None]
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +85,10 @@ class LocalTrainer:
         budget_bytes: int | None,
         residual: Mapping[str, torch.Tensor] | None,
         rng: np.random.Generator,
+        progress: ProgressCallback | None = None,
     ) -> TrainResult:
         """Load the global adapter, run `spec.steps` local steps, return the compressed delta."""
+        report = progress or (lambda _: None)
         start, cpu_start = time.perf_counter(), time.process_time()
         set_adapter_state(self.model, global_state)
         self.model.train()
@@ -106,8 +113,10 @@ class LocalTrainer:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 losses.append(float(loss.detach()))
+                report(DeviceProgress(Stage.TRAINING, len(losses), self.spec.steps, losses[-1]))
             stats = hook.stats
             hook.end_round()
+            report(DeviceProgress(Stage.COMPRESSING))
             update = hook.compress(
                 compressor, budget_bytes=budget_bytes, residual=residual, rng=rng
             )

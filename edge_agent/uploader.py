@@ -30,8 +30,9 @@ from broker.chunking import chunks_missing, upload_messages
 from broker.codec import encode
 from broker.errors import PacketTooLargeError
 from broker.messages import AckStatus, UploadAck, UploadChunk, UploadManifest
+from broker.progress import DeviceProgress, Stage
 from broker.topics import upload_topic
-from broker.transport import Transport
+from broker.transport import PublishHandle, Transport
 from edge_agent.outbox import Outbox, OutboxEntry, OutboxError
 
 __all__ = ["ActiveUpload", "SendStats", "UploadOutcome", "Uploader"]
@@ -71,6 +72,8 @@ class ActiveUpload:
     resumed: bool
     last_heard: float
     sent: set[int] = field(default_factory=set)
+    #: The latest publish of each chunk this process sent: PUBACKed = through the link.
+    handles: dict[int, PublishHandle] = field(default_factory=dict)
     #: A status query is out; the next ``receiving`` ack lists what the aggregator lacks.
     awaiting_reply: bool = False
     reply: UploadAck | None = None
@@ -222,6 +225,17 @@ class Uploader:
         if up is not None and up.entry.round_id == round_id:
             up.entry = replace(up.entry, deadline=deadline)
 
+    def progress(self) -> DeviceProgress | None:
+        """``uploading`` (chunks through the link to the broker / all) until every chunk sent is
+        PUBACKed, then ``awaiting_ack`` (the aggregator's verdict); None without an upload."""
+        up = self.active
+        if up is None:
+            return None
+        n = len(up.chunks)
+        in_flight = sum(not h.done() for h in up.handles.values())
+        stage = Stage.UPLOADING if in_flight else Stage.AWAITING_ACK
+        return DeviceProgress(stage, n - in_flight, n)
+
     def next_timer(self) -> float | None:
         up = self.active
         if up is None:
@@ -243,7 +257,7 @@ class Uploader:
         up = self.active
         assert up is not None
         data = encode(up.manifest)
-        if self._publish(data, now):
+        if self._publish(data, now) is not None:
             up.stats.manifests += 1
             up.stats.manifest_bytes += len(data)
 
@@ -252,8 +266,10 @@ class Uploader:
         assert up is not None
         for chunk in chunks:
             data = encode(chunk)
-            if not self._publish(data, now):
+            handle = self._publish(data, now)
+            if handle is None:
                 return
+            up.handles[chunk.index] = handle
             if up.resumed or chunk.index in up.sent:
                 up.stats.chunks_resent += 1
                 up.stats.bytes_resent += len(data)
@@ -269,19 +285,18 @@ class Uploader:
                 extra=self._ctx(up.entry.round_id),
             )
 
-    def _publish(self, data: bytes, now: float) -> bool:
-        """QoS 1 with message expiry; False (and the upload closed) if it can never fit."""
+    def _publish(self, data: bytes, now: float) -> PublishHandle | None:
+        """QoS 1 with message expiry; None (and the upload closed) if it can never fit."""
         up = self.active
         assert up is not None
         topic = upload_topic(self._fleet, self._me, up.entry.round_id)
         expiry = max(1, int(up.entry.deadline - now + self._grace_s))
         try:
-            self._client.publish(topic, data, qos=1, expiry_s=expiry)
+            return self._client.publish(topic, data, qos=1, expiry_s=expiry)
         except PacketTooLargeError as exc:
             # Resending cannot help: the chunk size the round announced exceeds the broker limit.
             self._finish("rejected", f"packet_too_large: {exc}", now)
-            return False
-        return True
+            return None
 
     def _finish(self, state: str, reason: str, now: float) -> None:
         up = self.active

@@ -17,7 +17,6 @@ seeds; :func:`run_fleet` runs several methods and returns the run record (schema
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import re
@@ -42,32 +41,19 @@ from broker.transport import Transport, Will
 from edge_agent.agent import EdgeAgent
 from edge_agent.settings import AgentSettings
 from edge_agent.shared_model import SharedBaseModel
+from evaluation.fleet_config import METHODS, FleetConfig
 from evaluation.fleet_wire import Fate, FleetClock, FleetWire, dropout_fate
 from evaluation.links import LinkProfile, lognormal_links
 from evaluation.quality import HeldOut, evaluate_adapter
 from evaluation.round_time import ClientTiming, round_time
 from fstq.adapter_state import get_adapter_state
-from workload.data import DEFAULT_LANGUAGES, FederatedSplit, federated_split, load_chatterbot
+from workload.data import FederatedSplit, federated_split, load_chatterbot
 from workload.data import write_jsonl as write_pairs
-from workload.models import LoraSpec, load_base_model
+from workload.models import load_base_model
 
 __all__ = ["METHODS", "FleetConfig", "FleetError", "compression_for", "run_fleet", "run_method"]
 
 log = logging.getLogger(__name__)
-
-#: The compared methods (issue 4): compression settings of the agents; ``budgeted`` ones get the
-#: matched per-round byte budget, the others send what their method makes.
-METHODS: dict[str, dict[str, Any]] = {
-    "dense_fp16": {"method": "dense_fp16"},
-    "qsgd": {"method": "qsgd", "qsgd_bits": 4},
-    "topk_ef": {"method": "topk", "error_feedback": True, "budgeted": True},
-    "fstq": {"method": "fstq", "budgeted": True},
-    # The paper's percentile bands fix the share of each width, not the bytes: unbudgeted.
-    "fstq_percentile": {"method": "fstq", "allocation": "percentile"},
-    "fstq_ef": {"method": "fstq", "error_feedback": True, "budgeted": True},
-    "fstq_stochastic": {"method": "fstq", "rounding": "stochastic", "budgeted": True},
-}
-
 
 #: Threads torch trains with; CPU seconds / this = the wall time of the same work on idle cores.
 _THREADS = max(1, torch.get_num_threads())
@@ -75,54 +61,6 @@ _THREADS = max(1, torch.get_num_threads())
 
 class FleetError(RuntimeError):
     """The fleet could not finish a run (a round made no progress within its wall limit)."""
-
-
-@dataclass(frozen=True)
-class FleetConfig:
-    """One evaluation setting; every method of a run shares it (and so its seeds and data)."""
-
-    clients: int = 100
-    per_round: int = 10
-    rounds: int = 10
-    alpha: float = 0.1
-    dropout: float = 0.1
-    seed: int = 0
-    model: str = "smollm2"
-    model_cache_dir: Path | None = None
-    partition_by: str = "language"
-    languages: tuple[str, ...] = DEFAULT_LANGUAGES
-    examples_per_client: int | None = 64
-    held_out: int = 96
-    generation_examples: int = 16
-    max_new_tokens: int = 24
-    eval_batch_size: int = 16
-    steps: int = 5
-    batch_size: int = 4
-    max_len: int = 64
-    lr: float = 5e-4
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
-    #: Matched budget of the budgeted methods, as a share of the dense fp16 update.
-    budget_fraction: float = 0.125
-    quorum_fraction: float = 0.5
-    chunk_size: int = 64 * 1024
-    #: Log-normal uplink rates (evaluation.links) unless a trace is given.
-    link_median_mbps: float = 4.0
-    link_sigma: float = 1.0
-    link_lo_mbps: float = 0.5
-    link_hi_mbps: float = 20.0
-    #: Give up on a round that has not closed after this much real time.
-    round_wall_limit_s: float = 1800.0
-
-    def record(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["model_cache_dir"] = str(self.model_cache_dir) if self.model_cache_dir else None
-        return out
-
-    @property
-    def lora(self) -> LoraSpec:
-        return LoraSpec(r=self.lora_r, alpha=self.lora_alpha, target_modules=self.lora_targets)
 
 
 def compression_for(label: str, budget_bytes: int) -> dict[str, Any]:

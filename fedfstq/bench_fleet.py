@@ -16,6 +16,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from evaluation.fleet_config import METHODS, FleetConfig
+from fedfstq.option_types import (
+    comma_list,
+    fraction,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    probability,
+)
+
 __all__ = ["add_arguments", "main"]
 
 log = logging.getLogger(__name__)
@@ -24,43 +34,82 @@ _HIGHER_IS_BETTER = {"loss": False, "accuracy": True, "rouge_l": True}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from evaluation.fleet import METHODS, FleetConfig
-
+    """Options of ``fedfstq bench fleet`` (defaults: :class:`FleetConfig`)."""
     d = FleetConfig()
-    p.add_argument("--clients", type=int, default=d.clients)
-    p.add_argument("--per-round", type=int, default=d.per_round, help="clients selected a round")
-    p.add_argument("--rounds", type=int, default=d.rounds)
-    p.add_argument("--alpha", type=float, default=d.alpha, help="Dirichlet concentration")
-    p.add_argument("--dropout", type=float, default=d.dropout, help="per selected client")
+    p.add_argument("--clients", type=positive_int, default=d.clients, help="devices in the fleet")
     p.add_argument(
-        "--methods", default=",".join(METHODS), help=f"comma-separated, of: {', '.join(METHODS)}"
+        "--per-round", type=positive_int, default=d.per_round, help="clients selected a round"
     )
+    p.add_argument("--rounds", type=positive_int, default=d.rounds, help="federated rounds")
     p.add_argument(
-        "--budget", type=float, default=d.budget_fraction,
+        "--alpha", type=positive_float, default=d.alpha,
+        help="Dirichlet concentration over languages (smaller: more non-IID)",
+    )  # fmt: skip
+    p.add_argument(
+        "--dropout", type=probability, default=d.dropout,
+        help="probability that a selected client drops out of its round",
+    )  # fmt: skip
+    p.add_argument(
+        "--methods", type=comma_list(list(METHODS), "method"), default=",".join(METHODS),
+        help=f"comma-separated, of: {', '.join(METHODS)} (default: all)",
+    )  # fmt: skip
+    p.add_argument(
+        "--budget", type=fraction, default=d.budget_fraction,
         help="matched budget of the budgeted methods, as a share of the dense fp16 update",
     )  # fmt: skip
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument(
+        "--seed", type=non_negative_int, default=d.seed, help="data split, links, dropouts, LoRA"
+    )
     p.add_argument("--model", default=d.model, help='"smollm2", "tiny" or a model directory')
-    p.add_argument("--steps", type=int, default=d.steps, help="local steps per round")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--max-len", type=int, default=d.max_len)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--lora-r", type=int, default=d.lora_r)
-    p.add_argument("--examples-per-client", type=int, default=d.examples_per_client)
-    p.add_argument("--held-out", type=int, default=d.held_out, help="held-out examples")
-    p.add_argument("--generation-examples", type=int, default=d.generation_examples)
-    p.add_argument("--trace", type=Path, default=None, help="link trace JSON (evaluation/links)")
-    p.add_argument("--target-metric", choices=sorted(_HIGHER_IS_BETTER), default="loss")
-    p.add_argument("--target-value", type=float, default=None, help="fixed before the run")
-    p.add_argument("--target-fraction", type=float, default=0.95)
+    p.add_argument(
+        "--steps", type=positive_int, default=d.steps, help="local training steps per round"
+    )
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="training batch")
+    p.add_argument("--max-len", type=positive_int, default=d.max_len, help="tokens per example")
+    p.add_argument("--lr", type=positive_float, default=d.lr, help="local learning rate")
+    p.add_argument("--lora-r", type=positive_int, default=d.lora_r, help="LoRA rank (alpha 2r)")
+    p.add_argument(
+        "--examples-per-client", type=positive_int, default=d.examples_per_client,
+        help="training examples of a device at most",
+    )  # fmt: skip
+    p.add_argument(
+        "--held-out", type=positive_int, default=d.held_out, help="held-out evaluation examples"
+    )
+    p.add_argument(
+        "--generation-examples", type=non_negative_int, default=d.generation_examples,
+        help="held-out questions answered by greedy generation for ROUGE-L",
+    )  # fmt: skip
+    p.add_argument(
+        "--trace", type=Path, default=None, metavar="PATH",
+        help="link trace JSON (evaluation/links); default: log-normal links",
+    )  # fmt: skip
+    p.add_argument(
+        "--target-metric", choices=sorted(_HIGHER_IS_BETTER), default="loss",
+        help="the quality metric of the target",
+    )  # fmt: skip
+    p.add_argument(
+        "--target-value", type=float, default=None,
+        help="the target, fixed before the run; default: --target-fraction of dense's improvement",
+    )  # fmt: skip
+    p.add_argument(
+        "--target-fraction", type=fraction, default=0.95,
+        help="the target as a share of the dense fp16 run's improvement by its last round",
+    )  # fmt: skip
     p.add_argument("--no-memory", action="store_true", help="skip the per-method agent RSS")
     p.add_argument(
         "--memory", action="store_true",
         help="with --report: measure the agent RSS per method (needs the runs' --workdir)",
     )  # fmt: skip
-    p.add_argument("--workdir", type=Path, default=Path("runs/fleet"))
-    p.add_argument("--json", type=Path, default=None, help="write the run record here")
-    p.add_argument("--plots", type=Path, default=None, help="write PNG plots to this directory")
+    p.add_argument(
+        "--workdir", type=Path, default=Path("runs/fleet"), metavar="DIR",
+        help="the devices' and the aggregator's state; each method's folder is replaced",
+    )  # fmt: skip
+    p.add_argument(
+        "--json", type=Path, default=None, metavar="PATH", help="write the run record here"
+    )
+    p.add_argument(
+        "--plots", type=Path, default=None, metavar="DIR", help="write PNG plots to this folder"
+    )
     p.add_argument(
         "--report", type=Path, nargs="+", default=None, metavar="RUN.json",
         help="run nothing: merge these run records (same config and seeds, other methods), "
@@ -68,9 +117,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
-def _config(args: argparse.Namespace) -> Any:
-    from evaluation.fleet import FleetConfig
-
+def _config(args: argparse.Namespace) -> FleetConfig:
     return FleetConfig(
         clients=args.clients, per_round=args.per_round, rounds=args.rounds, alpha=args.alpha,
         dropout=args.dropout, seed=args.seed, model=args.model, steps=args.steps,

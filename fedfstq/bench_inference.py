@@ -45,6 +45,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedfstq.option_types import fraction, non_negative_int, positive_int
+
 if TYPE_CHECKING:
     import numpy as np
     import torch
@@ -104,36 +106,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a device's token_scores.safetensors (or its state directory) instead of training;"
         " the base model then answers",
     )
-    for flag, text in (
-        ("--train-steps", "LoRA steps that learn the scores"),
-        ("--train-batch-size", "training batch"),
-        ("--refresh-every", "token-score refresh interval H while training, as on devices"),
-        ("--examples", "held-out questions"),
-        ("--max-new-tokens", "answer tokens at most"),
-        ("--keep-last", "last prompt tokens always kept"),
-        ("--batch-size", "generation batch"),
-        ("--repeats", "timed passes per ratio"),
-        ("--seed", "data split, shots, adapter initialisation"),
-        ("--threads", "torch threads"),
+    for flag, kind, text in (
+        ("--train-steps", positive_int, "LoRA steps that learn the scores"),
+        ("--train-batch-size", positive_int, "training batch"),
+        ("--refresh-every", positive_int, "token-score refresh interval H while training"),
+        ("--examples", positive_int, "held-out questions"),
+        ("--max-new-tokens", positive_int, "answer tokens at most"),
+        ("--keep-last", non_negative_int, "last prompt tokens always kept"),
+        ("--batch-size", positive_int, "generation batch"),
+        ("--repeats", positive_int, "timed passes per ratio"),
+        ("--seed", non_negative_int, "data split, shots, adapter initialisation"),
+        ("--threads", positive_int, "torch threads"),
     ):
         default = getattr(d, flag[2:].replace("-", "_"))
-        parser.add_argument(flag, type=int, default=default, help=f"{text} (default {default})")
+        parser.add_argument(flag, type=kind, default=default, help=text)
     parser.add_argument(
         "--shots",
-        type=int,
+        type=non_negative_int,
         nargs="+",
         default=list(d.shots),
         metavar="K",
-        help="few-shot Q/A pairs before each question; one table per value (default 0 4)",
+        help="few-shot Q/A pairs before each question; one table per value",
     )
     parser.add_argument(
         "--keep",
-        type=float,
+        type=fraction,
         nargs="+",
         default=list(d.keep),
         metavar="RATIO",
-        help="keep ratios of droppable prompt tokens (default 1.0 0.9 ... 0.5; 1.0 is always"
-        " added as the baseline)",
+        help="keep ratios of droppable prompt tokens (1.0 is always added as the baseline)",
     )
     parser.add_argument(
         "--ignore-eos",

@@ -11,18 +11,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
-import numpy as np
+import tomli_w
 
-from workload.data import DEFAULT_LANGUAGES
+from fedfstq.demo_preflight import check_languages, remote_broker
+from fedfstq.option_types import int_at_least, non_negative_int, positive_float, positive_int
+from fedfstq.workdir import MARKER, claim_workdir
+from workload.languages import DEFAULT_LANGUAGES
 
 __all__ = ["add_arguments", "main"]
 
@@ -30,55 +31,104 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--clients", type=int, default=3, help="edge agent processes (default 3)")
-    p.add_argument("--rounds", type=int, default=3, help="federated rounds (default 3)")
-    p.add_argument("--steps", type=int, default=6, help="local steps per round (default 6)")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--max-len", type=int, default=64, help="tokens per example")
+    """Options of ``fedfstq demo``."""
+    p.add_argument("--clients", type=positive_int, default=3, help="edge agent processes")
+    p.add_argument("--rounds", type=positive_int, default=3, help="federated rounds")
+    p.add_argument("--steps", type=positive_int, default=6, help="local training steps per round")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="training batch size")
+    p.add_argument(
+        "--max-len", type=int_at_least(8), default=64, help="tokens per example; longer are cut"
+    )
     p.add_argument(
         "--method",
         default="fstq",
         choices=["fstq", "dense_fp16", "dense_fp32", "qsgd", "topk"],
-        help="update compression (fstq or a baseline)",
+        help="update compression: fstq or a baseline",
     )
-    p.add_argument("--budget-bytes", type=int, default=None, help="per-client upload budget")
-    p.add_argument("--alpha", type=float, default=0.1, help="Dirichlet concentration")
-    p.add_argument("--languages", default=",".join(DEFAULT_LANGUAGES))
-    p.add_argument("--examples-per-client", type=int, default=120)
-    p.add_argument("--eval-examples", type=int, default=48)
+    p.add_argument(
+        "--budget-bytes",
+        type=int_at_least(64),
+        default=None,
+        metavar="BYTES",
+        help="fixed per-client upload budget; without it fstq sends 1/8 of a dense fp16 update "
+        "and the baselines what they make",
+    )
+    p.add_argument(
+        "--alpha",
+        type=positive_float,
+        default=0.1,
+        help="Dirichlet concentration over languages (smaller: each client holds fewer)",
+    )
+    p.add_argument(
+        "--languages",
+        default=",".join(DEFAULT_LANGUAGES),
+        help="comma-separated chatterbot-corpus languages",
+    )
+    p.add_argument(
+        "--examples-per-client", type=positive_int, default=120, help="training examples at most"
+    )
+    p.add_argument(
+        "--eval-examples",
+        type=positive_int,
+        default=48,
+        help="held-out examples the aggregator evaluates each global adapter on",
+    )
     p.add_argument("--model", default="smollm2", help='"smollm2", "tiny" or a model directory')
-    p.add_argument("--lora-r", type=int, default=8)
-    p.add_argument("--broker", default=None, help="mqtt://host:port of an existing broker")
-    p.add_argument("--workdir", type=Path, default=Path("runs/demo"))
-    p.add_argument("--json", type=Path, default=None, help="write per-round records here")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout", type=float, default=1800.0, help="give up after this many s")
-
-
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    return json.dumps(str(value))
+    p.add_argument("--lora-r", type=positive_int, default=8, help="LoRA rank (alpha is 2r)")
+    p.add_argument(
+        "--broker",
+        default=None,
+        metavar="URL",
+        help="mqtt://host:port of an existing broker (anonymous, no TLS); default: a private "
+        "Mosquitto",
+    )
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("runs/demo"),
+        metavar="DIR",
+        help=f"data, configs, logs and state of the run; a folder an earlier demo made (it holds "
+        f"{MARKER}) is replaced, any other non-empty folder is refused (see --overwrite)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete the contents of a non-empty --workdir the demo did not make",
+    )
+    p.add_argument(
+        "--json", type=Path, default=None, metavar="PATH", help="write per-round records here"
+    )
+    p.add_argument(
+        "--seed", type=non_negative_int, default=0, help="data split, selection, training"
+    )
+    p.add_argument(
+        "--timeout",
+        type=positive_float,
+        default=1800.0,
+        metavar="S",
+        help="seconds until it gives up",
+    )
 
 
 def write_toml(path: Path, data: dict[str, Any]) -> None:
-    """Write a two-level dict as TOML (enough for the services' settings files)."""
-    lines = [f"{k} = {_toml(v)}" for k, v in data.items() if not isinstance(v, dict)]
-    for k, v in data.items():
-        if isinstance(v, dict):
-            lines.append(f"\n[{k}]")
-            lines.extend(f"{kk} = {_toml(vv)}" for kk, vv in v.items() if vv is not None)
-    path.write_text("\n".join(lines) + "\n")
+    """Write a services' settings file; None means "not set", so those keys are left out."""
+
+    def drop_none(table: dict[str, Any]) -> dict[str, Any]:
+        return {
+            k: drop_none(v) if isinstance(v, dict) else v for k, v in table.items() if v is not None
+        }
+
+    path.write_text(tomli_w.dumps(drop_none(data)))
 
 
-def _prepare_data(args: argparse.Namespace, workdir: Path) -> tuple[list[Path], Path]:
+def _prepare_data(
+    args: argparse.Namespace, languages: list[str], workdir: Path
+) -> tuple[list[Path], Path]:
+    import numpy as np
+
     from workload.data import federated_split, load_chatterbot, write_jsonl
 
-    pairs = load_chatterbot(args.languages.split(","))
+    pairs = load_chatterbot(languages)
     split = federated_split(
         pairs,
         args.clients,
@@ -110,32 +160,6 @@ def _service(cmd: str, config: Path, log_path: Path) -> subprocess.Popen[bytes]:
         stdout=log_file,
         stderr=subprocess.STDOUT,
     )
-
-
-def _read_rounds(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _row(rec: dict[str, Any]) -> str:
-    ev = rec.get("eval") or {}
-    loss = ev.get("loss")
-    acc = ev.get("accuracy")
-    ratio = rec.get("ratio_vs_fp16")
-    return (
-        f"{rec['round']:>5} {rec['status']:>7} "
-        f"{(f'{loss:.4f}' if loss is not None else '-'):>9} "
-        f"{(f'{acc:.4f}' if acc is not None else '-'):>8} "
-        f"{rec['uplink_wire_bytes']:>12,} {rec['accepted_payload_bytes']:>12,} "
-        f"{(f'{ratio:.1f}x' if ratio else '-'):>8} "
-        f"{len(rec['arrived'])}/{len(rec['selected'])}"
-    )
-
-
-HEADER = (
-    "round  status  eval_loss  eval_acc  uplink_wire_B  payload_B  vs_fp16  arrived\n" + "-" * 80
-)
 
 
 def _stop(procs: list[subprocess.Popen[bytes]], grace_s: float = 20.0) -> None:
@@ -193,6 +217,7 @@ def _write_configs(
                 "model": args.model,
                 "max_rounds": args.rounds,
                 "heartbeat_s": 5.0,
+                "progress_s": 1.0,  # the live view shows each training step
                 "mqtt": {"host": host, "port": port},
                 "training": {
                     "steps": args.steps,
@@ -212,48 +237,71 @@ def _write_configs(
 
 
 def _watch(
-    procs: list[subprocess.Popen[bytes]], metrics: Path, workdir: Path, timeout: float
+    procs: list[subprocess.Popen[bytes]],
+    metrics: Path,
+    workdir: Path,
+    timeout: float,
+    broker: tuple[str, int],
 ) -> int:
-    """Print rounds as the aggregator closes them; return when it exits (or on failure)."""
-    shown = 0
-    started = time.monotonic()
-    while True:
-        exited = procs[0].poll() is not None  # checked first: its last record is then on disk
-        records = _read_rounds(metrics)
-        for rec in records[shown:]:
-            print(_row(rec), flush=True)
-        shown = len(records)
-        if exited:
-            return procs[0].returncode or 0
-        dead = [p for p in procs[1:] if p.poll() not in (None, 0)]
-        if dead:
-            print(f"an agent exited with code {dead[0].returncode}; see {workdir / 'logs'}")
-            return 1
-        if time.monotonic() - started > timeout:
-            print(f"timed out after {timeout:.0f} s")
-            return 1
-        time.sleep(0.5)
+    """Show the fleet live (from the broker) until the aggregator exits, an agent fails or
+    ``timeout`` passes; returns the demo's exit code."""
+    from fedfstq.demo_watch import Run, watch
+
+    run = Run(procs, metrics, workdir / "logs", *broker)
+    return watch(run, timeout, sys.stdout)
+
+
+def _report(args: argparse.Namespace, workdir: Path, eval_path: Path, code: int) -> int:
+    """The per-round table, the records as JSON, and held-out answers before and after."""
+    from fedfstq.demo_report import compare_answers, read_rounds, table_text
+
+    records = read_rounds(workdir / "aggregator" / "rounds.jsonl")
+    if records:
+        print("\n" + table_text(records))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(records, indent=2))
+        print(f"\nper-round records: {args.json}")
+    globals_dir = workdir / "aggregator" / "global"
+    versions = sorted(globals_dir.glob("v*")) if globals_dir.is_dir() else []
+    if len(versions) > 1:
+        first, last = versions[0], versions[-1]
+        print(f"\nheld-out questions: the initial adapter ({first.name}) and the final one "
+              f"({last.name}), greedy answers (generating...)", flush=True)  # fmt: skip
+        for a in compare_answers(args.model, eval_path, first, last):
+            print(f"\n  Q: {a.question}\n  expected: {a.reference}")
+            print(f"    its perplexity: {a.before_ppl:.1f} under {first.name}, "
+                  f"{a.after_ppl:.1f} under {last.name}")  # fmt: skip
+            print(f"  {first.name}: {a.before}\n  {last.name}: {a.after}")
+    if versions:
+        print(f"\nfinal global adapter (stock peft layout): {versions[-1]}")
+    if code == 0 and len([r for r in records if r["status"] == "closed"]) < args.rounds:
+        print("the aggregator stopped before all rounds closed; see the logs")
+        code = 1
+    return code
 
 
 def main(args: argparse.Namespace) -> int:
-    from broker.local import LocalBroker
-    from workload.models import load_base_model
-
-    workdir: Path = args.workdir.resolve()
-    if workdir.exists():
-        shutil.rmtree(workdir)
-    (workdir / "logs").mkdir(parents=True)
+    # What can be refused is checked before anything is deleted or loaded; the errors reach
+    # fedfstq.cli, which prints them as one line with their exit code.
+    languages = check_languages(args.languages)
+    remote = remote_broker(args.broker) if args.broker else None
+    workdir = claim_workdir(args.workdir, overwrite=args.overwrite)
+    (workdir / "logs").mkdir()
     print(f"fedfstq demo: {args.clients} agents, {args.rounds} rounds, method {args.method}")
     print(f"work dir {workdir} (logs in {workdir / 'logs'})")
     print(f"data: chatterbot-corpus, Dirichlet alpha={args.alpha} over languages")
-    clients, eval_path = _prepare_data(args, workdir)
+    clients, eval_path = _prepare_data(args, languages, workdir)
+
+    from broker.local import LocalBroker
+    from workload.models import load_base_model
+
     print(f"model: {args.model} (first use converts the packaged GGUF once)")
     load_base_model(args.model)  # convert/cache before N processes race for it
 
     broker: LocalBroker | None = None
-    if args.broker:
-        url = urlparse(args.broker)
-        host, port = url.hostname or "127.0.0.1", url.port or 1883
+    if remote is not None:
+        host, port = remote
     else:
         broker = LocalBroker("dev", workdir=workdir / "broker").start()
         host, port = broker.host, broker.port
@@ -263,26 +311,14 @@ def main(args: argparse.Namespace) -> int:
     procs = [_service("aggregator", agg_cfg, workdir / "logs" / "aggregator.log")]
     procs += [_service("agent", cfg, workdir / "logs" / f"{cfg.stem}.log") for cfg in agent_cfgs]
     metrics = workdir / "aggregator" / "rounds.jsonl"
-    print("\n" + HEADER)
+    print(f"\nthe fleet as the broker shows it (what `fedfstq status --watch "
+          f"--broker mqtt://{host}:{port} --fleet demo` shows):")  # fmt: skip
     try:
-        code = _watch(procs, metrics, workdir, args.timeout)
+        code = _watch(procs, metrics, workdir, args.timeout, (host, port))
     except KeyboardInterrupt:
         code = 130
     finally:
         _stop(procs)
         if broker is not None:
             broker.stop()
-
-    records = _read_rounds(metrics)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(records, indent=2))
-        print(f"\nper-round records: {args.json}")
-    globals_dir = workdir / "aggregator" / "global"
-    final = sorted(globals_dir.glob("v*")) if globals_dir.is_dir() else []
-    if final:
-        print(f"final global adapter (stock peft layout): {final[-1]}")
-    if code == 0 and len([r for r in records if r["status"] == "closed"]) < args.rounds:
-        print("the aggregator stopped before all rounds closed; see the logs")
-        code = 1
-    return code
+    return _report(args, workdir, eval_path, code)

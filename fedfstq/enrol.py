@@ -25,13 +25,10 @@ import re
 import secrets
 import shutil
 import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
-from pydantic import ValidationError
-
-from edge_agent.settings import AgentSettings
+from fedfstq.errors import CliError
 
 __all__ = ["EnrolError", "add_arguments", "enrol", "main"]
 
@@ -49,26 +46,48 @@ DEVICE_PATTERNS = (
 )
 
 
-class EnrolError(RuntimeError):
-    """Enrolment refused or failed; the message says why."""
+class EnrolError(CliError):
+    """Enrolment refused or failed; the message says why (exit code CONFIG)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--client-id", required=True, help="device id (= MQTT user name)")
+    """Options of ``fedfstq enrol``."""
     parser.add_argument(
-        "--password-file", type=Path, required=True, help="Mosquitto password file (appended to)"
+        "--client-id", required=True, help="device id (= its MQTT user name), [A-Za-z0-9_.-]{1,64}"
     )
     parser.add_argument(
-        "--out-dir", type=Path, required=True, help="writes <out-dir>/<id>/{agent.toml,...}"
+        "--password-file",
+        type=Path,
+        required=True,
+        metavar="PATH",
+        help="the broker's Mosquitto password file (created if missing, else appended to)",
     )
-    parser.add_argument("--fleet", default="default", help="fleet id (default: default)")
-    parser.add_argument("--broker-host", default="broker.example.org", metavar="HOST")
-    parser.add_argument("--broker-port", type=int, default=8883, metavar="PORT")
+    parser.add_argument(
+        "--out-dir",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="writes DIR/<client-id>/agent.toml and DIR/<client-id>/mqtt_password",
+    )
+    parser.add_argument("--fleet", default="default", help="fleet id written into agent.toml")
+    parser.add_argument(
+        "--broker-host",
+        default="broker.example.org",
+        metavar="HOST",
+        help="broker host name the device connects to",
+    )
+    parser.add_argument(
+        "--broker-port", type=int, default=8883, metavar="PORT", help="broker TLS port"
+    )
     parser.add_argument(
         "--acl", type=Path, metavar="PATH", help="check that this ACL covers the device by pattern"
     )
-    parser.add_argument("--example", type=Path, default=EXAMPLE, help="agent config template")
-    parser.add_argument("--rotate", action="store_true", help="replace an existing password")
+    parser.add_argument(
+        "--example", type=Path, default=EXAMPLE, metavar="PATH", help="agent config template"
+    )
+    parser.add_argument(
+        "--rotate", action="store_true", help="give an enrolled device a new password"
+    )
 
 
 def _users(password_file: Path) -> set[str]:
@@ -114,6 +133,10 @@ def enrol(
     tool = shutil.which("mosquitto_passwd")
     if tool is None:
         raise EnrolError("mosquitto_passwd not found (apt-get install mosquitto)")
+    from pydantic import ValidationError
+
+    from edge_agent.settings import AgentSettings
+
     text = _render(example.read_text(), client_id, fleet, broker_host, broker_port)
     try:  # the file must be a valid configuration before anything is changed
         AgentSettings(**tomllib.loads(text))
@@ -147,22 +170,18 @@ def enrol(
 
 
 def main(args: argparse.Namespace) -> int:
-    """0 enrolled, 2 refused (bad id, reserved, exists, invalid template, tool failure)."""
-    try:
-        device_dir = enrol(
-            args.client_id,
-            args.password_file,
-            args.out_dir,
-            fleet=args.fleet,
-            broker_host=args.broker_host,
-            broker_port=args.broker_port,
-            acl=args.acl,
-            example=args.example,
-            rotate=args.rotate,
-        )
-    except (EnrolError, OSError) as exc:
-        print(f"fedfstq enrol: {exc}", file=sys.stderr)
-        return 2
+    """Enrol the device; a refusal is an :class:`EnrolError` (exit code 2, ``fedfstq.cli``)."""
+    device_dir = enrol(
+        args.client_id,
+        args.password_file,
+        args.out_dir,
+        fleet=args.fleet,
+        broker_host=args.broker_host,
+        broker_port=args.broker_port,
+        acl=args.acl,
+        example=args.example,
+        rotate=args.rotate,
+    )
     print(
         f"enrolled {args.client_id}: {device_dir}/agent.toml and {device_dir}/mqtt_password\n"
         "reload the broker's password file (SIGHUP), then on the board:\n"

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from workload.languages import DEFAULT_LANGUAGES
+
 __all__ = [
     "DEFAULT_LANGUAGES",
     "DataError",
@@ -33,10 +35,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-#: The demo's and the evaluation's languages: the chatterbot-corpus languages with the most
-#: Q/A pairs among those SmolLM2's tokenizer handles well (Latin script).
-DEFAULT_LANGUAGES = ("english", "spanish", "italian", "portuguese", "german", "indonesian")
 
 _MAX_FIELD_CHARS = 4000  # longer turns are corpus noise for a 135M model; they are skipped
 

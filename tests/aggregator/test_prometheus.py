@@ -12,11 +12,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from service_support import Device, FakeClock, compressed, global_state, random_delta, running
 
 from aggregator.adapter_model import ModelLoader
-from aggregator.prometheus import NAMESPACE
+from aggregator.prometheus import NAMESPACE, ServiceMetrics
 from aggregator.service import Aggregator
 from aggregator.settings import AggregatorSettings
+from broker.codec import encode
 from broker.local import free_port
-from broker.messages import AckStatus
+from broker.messages import AckStatus, FetchRequest, GlobalChunk
+from broker.topics import fetch_topic
 
 pytestmark = pytest.mark.broker
 
@@ -67,6 +69,8 @@ def test_metrics_endpoint_counts_a_round_as_it_happens(
         assert _get(opened, "rounds_opened_total") == 1
         assert _get(opened, "clients_selected_total") == 2
         assert _get(opened, "current_round") == 1 and _get(opened, "round_open") == 1
+        assert _get(opened, "round_selected_clients") == 2
+        assert _get(opened, "clients_live") == 2  # the intruder has not said anything yet
 
         v0 = global_state(settings, 0)
         m_bad, c_bad = intruder.prepare(compressed(random_delta(v0, 9)), round_id=1)
@@ -89,6 +93,20 @@ def test_metrics_endpoint_counts_a_round_as_it_happens(
         d1.global_manifest(1)
         d1.announcement(2)  # both stay live, so round 2 opens right away
         after = _until(agg, lambda s: _get(s, "rounds_opened_total") == 2)
+        # d2 fetches the new global: the downlink split adds up to the round's downlink bytes.
+        fetch = FetchRequest(version=1, wanted=b"")
+        d2.send(fetch_topic(d2.fleet, d2.name), encode(fetch))
+        count = d2.global_manifest(1).chunk_count
+        got = {m.index: len(m.data) for _, m in d2.seen if isinstance(m, GlobalChunk)}
+        while len(got) < count:
+            m = d2.wait_for(lambda _, m: isinstance(m, GlobalChunk) and m.index not in got)
+            assert isinstance(m, GlobalChunk)
+            got[m.index] = len(m.data)
+        down = _until(agg, lambda s: _get(s, "downlink_sent_bytes_total", kind="payload") > 0)
+        down_wire = agg.rounds.metrics.downlink_wire_bytes
+        assert _get(down, "downlink_sent_bytes_total", kind="payload") == sum(got.values())
+        assert sum(_get(down, "downlink_sent_bytes_total", kind=k) for k in
+                   ("payload", "framing")) == down_wire  # fmt: skip
 
     assert agg.prometheus.address is None  # the endpoint stops with the service
     assert _get(after, "rounds_closed_total", status="closed") == 1
@@ -96,6 +114,7 @@ def test_metrics_endpoint_counts_a_round_as_it_happens(
     assert _get(after, "clients_arrived_total") == 2
     assert _get(after, "aggregation_seconds_count") == 1
     assert _get(after, "global_version") == 1 and _get(after, "current_round") == 2
+    assert _get(after, "round_selected_clients") == 2 and _get(after, "clients_live") == 3
     # The byte split adds up to the round's record: payload + re-sent + framing = wire bytes.
     rec = json.loads(settings.rounds_path.read_text().splitlines()[0])
     kinds = {k: _get(after, "uplink_received_bytes_total", kind=k) for k in
@@ -103,6 +122,9 @@ def test_metrics_endpoint_counts_a_round_as_it_happens(
     assert kinds["payload"] == rec["uplink_payload_bytes"]
     assert kinds["resent"] == rec["duplicate_bytes"]
     assert sum(kinds.values()) == rec["uplink_wire_bytes"]
+    assert _get(after, "round_duration_seconds_count", status="closed") == 1
+    assert _get(after, "round_duration_seconds_sum", status="closed") == rec["duration_s"]
+    assert _get(after, "round_duration_seconds_count", status="failed") == 0
 
 
 def test_metrics_are_off_by_default_and_private_to_each_instance(
@@ -117,3 +139,22 @@ def test_metrics_are_off_by_default_and_private_to_each_instance(
         f"{NAMESPACE}_uploads_rejected_total", {"reason": "origin"}
     )
     assert value is None
+
+
+def test_round_gauges_follow_a_resumed_round_and_its_failure() -> None:
+    m = ServiceMetrics("f")
+
+    def value(name: str, **labels: str) -> float | None:
+        return m.registry.get_sample_value(f"{NAMESPACE}_{name}", labels)
+
+    m.state(7, frozenset({"a", "b", "c"}), 4)  # restarted with round 7 open on v4
+    assert value("round_open") == 1 and value("round_selected_clients") == 3
+    assert value("current_round") == 7 and value("global_version") == 4
+    m.ended({"status": "failed", "global_version": 4, "duration_s": 420.0})
+    assert value("round_open") == 0 and value("round_selected_clients") == 0
+    assert value("round_duration_seconds_sum", status="failed") == 420.0
+    assert value("round_duration_seconds_bucket", status="failed", le="300.0") == 0
+    assert value("round_duration_seconds_bucket", status="failed", le="420.0") == 1
+    assert value("aggregation_seconds_count") == 0  # a failed round aggregates nothing
+    m.state(7, None, 4)
+    assert value("round_open") == 0 and value("round_selected_clients") == 0

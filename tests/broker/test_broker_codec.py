@@ -106,8 +106,30 @@ def upload_acks(draw: st.DrawFn) -> m.UploadAck:
     )
 
 
+@st.composite
+def round_progress(draw: st.DrawFn) -> m.RoundProgress:
+    selected = draw(st.lists(ids, max_size=8, unique=True))
+    arrived = [c for c in selected if draw(st.booleans())]
+    return m.RoundProgress(
+        fleet=draw(ids),
+        round=draw(u63),
+        phase=draw(st.sampled_from(m.RoundPhase)),
+        base_version=draw(u63),
+        selected=tuple(selected),
+        arrived=tuple(arrived),
+        rejected=draw(u63),
+        late=draw(u63),
+        opened_at=draw(times),
+        deadline=draw(times),
+        uplink_wire_bytes=draw(u63),
+        downlink_wire_bytes=draw(u63),
+        timestamp=draw(times),
+    )
+
+
 messages_strategy = st.one_of(
     round_announcements(),
+    round_progress(),
     upload_manifests(),
     global_manifests(),
     upload_acks(),
@@ -163,6 +185,7 @@ def test_registry_covers_every_message_kind() -> None:
         "fetch",
         "global.chunk",
         "status",
+        "progress",
     }
     assert all(cls.kind == kind for kind, cls in KINDS.items())
 
@@ -358,6 +381,28 @@ def test_round_announcement_consistency_is_checked() -> None:
             m.RoundAnnouncement(**{**base, **bad})
     with pytest.raises(DecodeError):  # NaN deadline
         decode(_pack({"v": 1, "kind": "round", **base, "deadline": float("nan")}))
+
+
+def test_round_progress_consistency_is_checked() -> None:
+    base: dict[str, Any] = {
+        "fleet": "f",
+        "round": 1,
+        "phase": "open",
+        "base_version": 0,
+        "selected": ("a", "b"),
+        "arrived": ("b",),
+        "rejected": 0,
+        "late": 0,
+        "opened_at": 1.0,
+        "deadline": 2.0,
+        "uplink_wire_bytes": 10,
+        "downlink_wire_bytes": 20,
+        "timestamp": 1.5,
+    }
+    assert decode(_pack({"v": 1, "kind": "progress", **base})).arrived == ("b",)
+    for bad in ({"arrived": ("z",)}, {"arrived": ("a", "a")}, {"phase": "ajar"}):
+        with pytest.raises(DecodeError):
+            decode(_pack({"v": 1, "kind": "progress", **base, **bad}))
 
 
 @pytest.mark.parametrize(

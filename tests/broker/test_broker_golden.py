@@ -81,6 +81,21 @@ SAMPLES: dict[str, m.WireMessage] = {
         round=None,
         info={"reason": "will"},
     ),
+    "progress": m.RoundProgress(
+        fleet="demo",
+        round=7,
+        phase=m.RoundPhase.OPEN,
+        base_version=6,
+        selected=("dev-01", "dev-02", "dev-03"),
+        arrived=("dev-02",),
+        rejected=1,
+        late=0,
+        opened_at=1767225480.5,
+        deadline=1767225600.5,
+        uplink_wire_bytes=690239,
+        downlink_wire_bytes=1874312,
+        timestamp=1767225555.25,
+    ),
 }
 
 

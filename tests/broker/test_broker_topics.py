@@ -29,6 +29,7 @@ def test_every_family_round_trips(fleet: str, client: str, round_id: int) -> Non
         t.FetchTopic(fleet, client),
         t.DownTopic(fleet, client),
         t.StatusTopic(fleet, client),
+        t.ProgressTopic(fleet),
     ]
     for obj in objects:
         # Act
@@ -49,6 +50,13 @@ def test_builders_and_parsers_agree(fleet: str, client: str, round_id: int) -> N
     assert t.parse_fetch_topic(t.fetch_topic(fleet, client)).client == client
     assert t.parse_down_topic(t.down_topic(fleet, client)).client == client
     assert t.parse_status_topic(t.status_topic(fleet, client)).client == client
+    assert t.parse_progress_topic(t.progress_topic(fleet)).fleet == fleet
+    assert t.observer_filters(fleet) == (
+        f"fstq/v1/{fleet}/round",
+        f"fstq/v1/{fleet}/global/manifest",
+        f"fstq/v1/{fleet}/progress",
+        f"fstq/v1/{fleet}/status/+",
+    )
 
 
 @given(bad=bad_ids, good=ids)

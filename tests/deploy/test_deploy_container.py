@@ -2,7 +2,8 @@
 
 What is checked: compose.yml parses and every file it mounts exists in the repository or is one
 of the operator-created files its header lists; the Containerfile's essentials (it installs the
-lock's runtime part, which tests/test_lock.py checks against requirements/lock.txt). The ``--check`` health command itself is tested in tests/aggregator.
+lock's runtime part, which tests/test_lock.py checks against requirements/lock.txt). The
+``--check`` health command itself is tested in tests/aggregator.
 """
 
 from __future__ import annotations

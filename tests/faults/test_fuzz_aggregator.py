@@ -55,6 +55,7 @@ from broker.messages import (
     ClientState,
     ClientStatus,
     FetchRequest,
+    RoundPhase,
     UploadAck,
     UploadChunk,
     UploadManifest,
@@ -298,6 +299,14 @@ _FIELDS: dict[str, st.SearchStrategy[dict[str, Any]]] = {
                              _sizes()),
     "global.chunk": _with({"version": rounds, "index": st.integers(0, 2**16 - 1)},
                           _chunk_data()),
+    # The aggregator's own observer message: another sender's on a device topic is garbage.
+    "progress": _with(
+        {"fleet": st.just(FLEET), "phase": st.sampled_from(RoundPhase), "base_version": rounds,
+         "selected": st.just(OTHERS[:1]), "arrived": st.just(()), "rejected": st.just(0),
+         "late": st.just(0), "opened_at": st.floats(0, 1e10), "deadline": st.floats(0, 1e10),
+         "uplink_wire_bytes": st.just(0), "downlink_wire_bytes": st.just(0),
+         "timestamp": st.floats(0, 1e10)},
+    ),
 }  # fmt: skip
 _VERSIONS = ("base_version", "version", "global_version")
 

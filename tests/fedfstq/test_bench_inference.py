@@ -103,5 +103,9 @@ def test_prompt_helpers(tokenizer: Any) -> None:
 
 
 def test_bad_options_exit_2() -> None:
-    args = cli._build_parser().parse_args(["bench", "inference", "--keep", "1.5"])
-    assert args.func(args) == 2
+    # Refused while parsing (fedfstq.option_types); spec_from_args still checks programmatic use
+    assert cli.main(["bench", "inference", "--keep", "1.5"]) == 2
+    args = cli._build_parser().parse_args(["bench", "inference"])
+    args.keep_last = -1
+    with pytest.raises(ValueError, match="keep-last"):
+        bench_inference.spec_from_args(args)

@@ -1,0 +1,61 @@
+"""`fedfstq demo --model tiny` end to end, as a newcomer runs it (output to a pipe: one line per
+change), checked against the aggregator's own records."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedfstq.demo_report import COLUMNS, read_rounds, row, table_text
+
+pytestmark = pytest.mark.broker
+
+STAGES = (
+    "fetching the global adapter",
+    "training step 0/2",
+    "compressing the update",
+    "upload sent, waiting for the aggregator's acknowledgement",
+)
+
+
+def test_the_demo_shows_each_device_at_work_and_ends_with_bytes_both_ways(tmp_path: Path) -> None:
+    # Act
+    workdir = tmp_path / "demo"
+    done = subprocess.run(
+        [sys.executable, "-m", "fedfstq.cli", "demo", "--model", "tiny", "--clients", "2",
+         "--rounds", "2", "--steps", "2", "--examples-per-client", "12", "--eval-examples", "6",
+         "--workdir", str(workdir), "--json", str(tmp_path / "rounds.json")],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    # Assert
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = done.stdout
+    records = read_rounds(workdir / "aggregator" / "rounds.jsonl")
+    assert [r["status"] for r in records] == ["closed", "closed"]
+    # Live: who was selected, each device's stages, the arrivals. (Steps within a second of the
+    # last status are held back: the tiny model's steps are that fast.)
+    assert "round 1 opened on v0: selected device-0, device-1" in out
+    for device in ("device-0", "device-1"):
+        for r in (1, 2):
+            for doing in STAGES:
+                assert f"{device} round {r}: {doing}" in out
+    for r in (1, 2):
+        assert f"round {r} closed (on v{r - 1}); 2/2 arrived (device-0, device-1)" in out
+    assert "global adapter v2 published" in out
+    # The end: the table of the records, with uplink and downlink bytes and the perplexity.
+    assert table_text(records) in out
+    for rec in records:
+        cells = dict(zip(COLUMNS, row(rec), strict=True))
+        assert rec["downlink_wire_bytes"] > 0 and rec["uplink_wire_bytes"] > 0
+        assert cells["downlink_B"] == f"{rec['downlink_wire_bytes']:,}"
+        assert float(cells["perplexity"]) == pytest.approx(math.exp(rec["eval"]["loss"]), 1e-3)
+    assert json.loads((tmp_path / "rounds.json").read_text()) == records
+    # Held-out questions, answered by v0 and by the final adapter.
+    assert "the initial adapter (v00000) and the final one (v00002)" in out
+    assert len(re.findall(r"its perplexity: \d+\.\d under v00000, \d+\.\d under v00002", out)) == 3
