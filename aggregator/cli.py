@@ -76,7 +76,7 @@ def load_settings(args: argparse.Namespace) -> AggregatorSettings:
             update["mqtt"] = MqttSettings.model_validate(settings.mqtt.model_dump() | mqtt_flags)
         settings = settings.model_copy(update=update)
     except ValidationError as exc:
-        raise ConfigError(f"invalid aggregator settings:\n{exc}") from None
+        raise ConfigError.from_validation("aggregator settings", exc) from None
     return settings
 
 

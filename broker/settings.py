@@ -10,7 +10,15 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Self
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 __all__ = ["ConfigError", "MqttSettings", "ServiceSettings", "TlsSettings", "read_toml"]
@@ -106,6 +114,16 @@ class ServiceSettings(BaseSettings):
 
 class ConfigError(ValueError):
     """A service's configuration (file, environment or flags) is unusable; the message says why."""
+
+    @classmethod
+    def from_validation(
+        cls, what: str, exc: ValidationError, root: str = "settings"
+    ) -> ConfigError:
+        """One line naming every bad setting by its dotted path, e.g. ``rounds.quorum: ...``."""
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or root}: {e['msg']}" for e in exc.errors()
+        )
+        return cls(f"invalid {what}: {problems}")
 
 
 def read_toml(path: Path | None) -> dict[str, Any]:

@@ -27,7 +27,6 @@ from pydantic import ValidationError
 from broker.errors import ConnectError, ConnectRefusedError
 from broker.log_context import LogContext, log_context
 from broker.settings import ConfigError, read_toml
-from edge_agent.agent import EdgeAgent
 from edge_agent.arguments import add_arguments
 from edge_agent.exit_codes import ExitCode, for_connect_refusal
 from edge_agent.lifecycle import (
@@ -88,10 +87,7 @@ def load_settings(
     try:
         return AgentSettings(**data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors()
-        )
-        raise ConfigError(f"invalid agent configuration: {problems}") from None
+        raise ConfigError.from_validation("agent configuration", exc) from None
 
 
 def _check_model(source: str) -> None:
@@ -170,6 +166,8 @@ def main(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> 
         ),
     )
     try:
+        from edge_agent.agent import EdgeAgent  # heavy (torch, peft): only to run
+
         agent = EdgeAgent(settings, notifier=notifier)
     except OSError as exc:  # the state directory cannot be created (StateDirectory=, mounts)
         log.error("state directory %s: %s", settings.state_dir, exc)

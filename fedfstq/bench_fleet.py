@@ -25,6 +25,7 @@ from fedfstq.option_types import (
     positive_int,
     probability,
 )
+from fedfstq.workdir import claim_workdir
 
 __all__ = ["add_arguments", "main"]
 
@@ -102,7 +103,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument(
         "--workdir", type=Path, default=Path("runs/fleet"), metavar="DIR",
-        help="the devices' and the aggregator's state; each method's folder is replaced",
+        help="the devices' and the aggregator's state; each method's folder is replaced; a "
+        "non-empty folder fedfstq did not make is refused (see --overwrite)",
+    )  # fmt: skip
+    p.add_argument(
+        "--overwrite", action="store_true",
+        help="use a non-empty --workdir fedfstq did not make (its method folders are replaced)",
     )  # fmt: skip
     p.add_argument(
         "--json", type=Path, default=None, metavar="PATH", help="write the run record here"
@@ -236,10 +242,14 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         _print_round(label, rnd)
         save(label, rec)
 
-    result = run_fleet(config, methods, args.workdir, links=links, on_method=save,
+    # The run replaces only its own per-method folders, in a folder it made (or an empty one).
+    workdir = claim_workdir(
+        args.workdir, overwrite=args.overwrite, command="fedfstq bench fleet", fresh=False
+    )
+    result = run_fleet(config, methods, workdir, links=links, on_method=save,
                        on_round=progress)  # fmt: skip
     if not args.no_memory:
-        measure_memory(result, args.workdir)
+        measure_memory(result, workdir)
     save("", result)
     return record
 

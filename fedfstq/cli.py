@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import textwrap
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -266,6 +267,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     traceback under ``-v``.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models and data ship in packages; never fetch
+    # transformers draws a bar for every model load, and peft 0.21 trips a transformers 5
+    # deprecation on every adapter: noise in the demo, the services' logs and the benchmarks.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings(
+        "ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning
+    )
     parser = _build_parser()
     try:
         args = parser.parse_args(argv)

@@ -134,10 +134,7 @@ def target(
             backoff_max_s=2.0,
         )
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'mqtt'}: {e['msg']}" for e in exc.errors()
-        )
-        raise ConfigError(f"invalid connection settings: {problems}") from None
+        raise ConfigError.from_validation("connection settings", exc, root="mqtt") from None
     except ValueError as exc:  # TopicError: a bad fleet id
         raise ConfigError(str(exc)) from None
     return ObserverTarget(str(the_fleet), mqtt)

@@ -3,7 +3,8 @@
 ``fedfstq demo --workdir DIR`` starts from an empty DIR. It deletes DIR only if DIR is missing,
 empty, or holds the marker an earlier run wrote; anything else is the user's and is refused
 unless they pass ``--overwrite``. Even then the root, the home directory and any directory that
-holds the current one are never deleted.
+holds the current one are never deleted. ``fedfstq bench fleet`` claims its DIR the same way but
+keeps what an earlier run left (``fresh=False``): it replaces only its own per-method folders.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ __all__ = ["MARKER", "claim_workdir"]
 MARKER = ".fedfstq-demo"
 
 
-def claim_workdir(path: Path, *, overwrite: bool = False, command: str = "fedfstq demo") -> Path:
-    """Make ``path`` an empty directory holding the marker; returns it resolved.
+def claim_workdir(
+    path: Path, *, overwrite: bool = False, command: str = "fedfstq demo", fresh: bool = True
+) -> Path:
+    """Make ``path`` a directory holding the marker (emptied first if ``fresh``); returns it.
 
     Raises :class:`CliError` (exit code CONFIG) and leaves ``path`` untouched when it is a
     file, or a non-empty directory without the marker and ``overwrite`` is false.
@@ -43,7 +46,8 @@ def claim_workdir(path: Path, *, overwrite: bool = False, command: str = "fedfst
                 f"--workdir {path} holds the current or the home directory; it is never deleted",
                 ExitCode.CONFIG,
             )
-        shutil.rmtree(workdir)
+        if fresh:
+            shutil.rmtree(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / MARKER).write_text(
         f"Made by `{command}`: a later run with this --workdir deletes and recreates it.\n"

@@ -115,6 +115,25 @@ def test_foreign_workdir_is_refused_and_left_untouched(
     assert (tmp_path / "thesis.tex").read_text() == "years of work"
 
 
+def test_bench_fleet_refuses_a_foreign_workdir_and_keeps_its_own_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    code, err = run_cli(["bench", "fleet", "--workdir", str(foreign), "--model", "tiny"], capsys)
+    assert code == ExitCode.CONFIG
+    assert "--overwrite" in assert_one_line(err, "fedfstq bench fleet")
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+    # A folder fedfstq made keeps what an earlier run left: only method folders are replaced.
+    from fedfstq.workdir import MARKER, claim_workdir
+
+    ours = claim_workdir(tmp_path / "runs", command="fedfstq bench fleet", fresh=False)
+    (ours / "dense_fp16").mkdir()
+    again = claim_workdir(tmp_path / "runs", command="fedfstq bench fleet", fresh=False)
+    assert again == ours and {p.name for p in ours.iterdir()} == {MARKER, "dense_fp16"}
+
+
 def test_a_model_that_does_not_load_exits_4(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -158,6 +177,22 @@ def test_status_without_a_readable_config_exits_2(
     assert code == ExitCode.CONFIG
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "nope.toml" in lines[0] and "Traceback" not in err
+
+
+@pytest.mark.parametrize("service", ["aggregator", "agent"])
+def test_invalid_service_settings_are_one_line_naming_each_bad_key(
+    service: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / f"{service}.toml"
+    config.write_text('fleet = "f1"\nbogus = 1\n[mqtt]\nport = 0\n')
+
+    code, err = run_cli([service, "--config", str(config)], capsys)
+
+    assert code == ExitCode.CONFIG
+    text = capsys.readouterr().err + err
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in text, text
+    assert "bogus" in lines[0] and "mqtt.port" in lines[0] and "state_dir" in lines[0]
 
 
 def test_agent_check_with_a_missing_data_file_exits_3(
