@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from aggregator.round_result import HeldOutEval
 from fstq.training import get_adapter_state, set_adapter_state
 from workload.batches import Example, encode_pair
 from workload.data import read_jsonl
@@ -67,11 +68,11 @@ class AdapterModel:
 
     def evaluate(
         self, state: Mapping[str, torch.Tensor], examples: Sequence[Example], batch_size: int
-    ) -> dict[str, float | int | None]:
+    ) -> HeldOutEval:
         """Answer-token loss and accuracy of ``state`` (None when there are no answer tokens)."""
         model, tokenizer = self._ensure()
         set_adapter_state(model, state)
         q = answer_metrics(model, examples, tokenizer.pad_token_id, batch_size)
         if q.tokens == 0 or not math.isfinite(q.loss):
-            return {"loss": None, "accuracy": None, "tokens": q.tokens}
-        return {"loss": q.loss, "accuracy": q.accuracy, "tokens": q.tokens}
+            return HeldOutEval(loss=None, accuracy=None, tokens=q.tokens)
+        return HeldOutEval(loss=q.loss, accuracy=q.accuracy, tokens=q.tokens)

@@ -28,7 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "opens and its heartbeat is fresh",
     )
     over = parser.add_argument_group(
-        "overrides", "take precedence over the TOML file and the FEDFSTQ_AGG_* variables"
+        "overrides",
+        "take precedence over the TOML file; a flag and the FEDFSTQ_AGG_* variable of the same "
+        "setting together are refused",
     )
     over.add_argument(
         "--state-dir", type=Path, metavar="DIR", help="store, global adapters: state_dir"

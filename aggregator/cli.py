@@ -2,12 +2,17 @@
 
 The console entry point (`fedfstq.cli`) builds the parser with :func:`add_arguments` (defined
 in the light :mod:`aggregator.arguments`, so `fedfstq --help` stays fast), sets up logging and
-calls :func:`main`. Configuration precedence: command-line flags, then
-`FEDFSTQ_AGG_*` environment variables, then the TOML file.
+calls :func:`main`. Configuration precedence is the services' one rule (:mod:`common.settings`):
+`FEDFSTQ_AGG_*` variables beat the TOML file, a flag beats the file, and a flag *and* the
+variable for the same setting are refused.
 
-Exit codes: 0 ok (stopped by SIGTERM/SIGINT, or `max_rounds` done; `--check`: healthy),
-1 unexpected error (`--check`: unhealthy), 2 configuration error, 3 model or data error,
-4 broker unreachable at start.
+Exit codes are every `fedfstq` command's (:class:`common.exit_codes.ExitCode`): 0 ok (stopped by
+SIGTERM/SIGINT, or `max_rounds` done), 1 unexpected error, 2 configuration, 3 data (the
+evaluation file), 4 model (base model, tokenizer or a stored adapter), 5 broker unreachable at
+start. `--check`: 0 healthy, 1 unhealthy, 2 configuration error.
+
+The service (torch, peft, paho) loads only in :func:`serve`: a configuration error and the
+container's `--check` probe answer without it.
 """
 
 from __future__ import annotations
@@ -15,69 +20,40 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import signal
+import os
 import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from typing import Any
-
-from pydantic import ValidationError
+from collections.abc import Mapping
 
 from aggregator.arguments import add_arguments
-from aggregator.global_adapter import LoraMismatchError
-from aggregator.service import Aggregator
 from aggregator.settings import AggregatorSettings
-from broker.errors import TransportError
-from broker.log_context import LogContext, log_context
-from broker.settings import ConfigError, MqttSettings, read_toml
-from workload.adapters import AdapterFormatError
-from workload.data import DataError
-from workload.models import ModelLoadError
+from common.exit_codes import ExitCode, for_connect_refusal
+from common.log_context import LogContext, log_context
+from common.settings import ConfigError, overrides
+from common.signals import stop_signals
 
-__all__ = [
-    "EXIT_BROKER",
-    "EXIT_CONFIG",
-    "EXIT_MODEL",
-    "EXIT_OK",
-    "EXIT_UNEXPECTED",
-    "add_arguments",
-    "check_health",
-    "load_settings",
-    "main",
-]
+__all__ = ["add_arguments", "check_health", "load_settings", "main", "serve"]
 
 log = logging.getLogger(__name__)
 
-EXIT_OK = 0
-EXIT_UNEXPECTED = 1
-EXIT_CONFIG = 2
-EXIT_MODEL = 3
-EXIT_BROKER = 4
+#: flag dest -> settings path; the environment variable follows from it.
+_OVERRIDES: dict[str, tuple[str, ...]] = {
+    "state_dir": ("state_dir",),
+    "broker_host": ("mqtt", "host"),
+    "broker_port": ("mqtt", "port"),
+}
 
 
-def load_settings(args: argparse.Namespace) -> AggregatorSettings:
-    """TOML tables as keyword arguments (the environment beats them), then the flags on top."""
-    tables: dict[str, Any] = read_toml(args.config)
-    mqtt_flags = {
-        k: v for k, v in (("host", args.broker_host), ("port", args.broker_port)) if v is not None
-    }
-    if args.state_dir is not None:
-        tables["state_dir"] = args.state_dir  # may be the only source of a required field
-    try:
-        settings = AggregatorSettings(**tables)
-        # Flags beat the environment too: validate the overridden part on its own and copy it
-        # in (re-validating the whole settings object would read the environment again).
-        update: dict[str, Any] = {}
-        if args.state_dir is not None:
-            update["state_dir"] = args.state_dir
-        if mqtt_flags:
-            update["mqtt"] = MqttSettings.model_validate(settings.mqtt.model_dump() | mqtt_flags)
-        settings = settings.model_copy(update=update)
-    except ValidationError as exc:
-        raise ConfigError.from_validation("aggregator settings", exc) from None
-    return settings
+def load_settings(
+    args: argparse.Namespace, environ: Mapping[str, str] | None = None
+) -> AggregatorSettings:
+    """Build the settings once (:meth:`common.settings.ServiceSettings.load`); ``environ``
+    (default ``os.environ``) is what the flags are checked against."""
+    given = overrides(_OVERRIDES, {dest: getattr(args, dest, None) for dest in _OVERRIDES})
+    env = os.environ if environ is None else environ
+    return AggregatorSettings.load(args.config, given, env, what="aggregator settings")
 
 
 def check_health(settings: AggregatorSettings) -> tuple[bool, str]:
@@ -101,37 +77,28 @@ def check_health(settings: AggregatorSettings) -> tuple[bool, str]:
     return True, f"healthy: store opens, heartbeat {age:.1f}s old"
 
 
-@contextlib.contextmanager
-def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
-    """SIGTERM/SIGINT set ``stop`` (only the main thread may install handlers)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-    for sig in previous:
-        signal.signal(sig, lambda signum, frame: stop.set())
+def main(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> int:
     try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def main(args: argparse.Namespace) -> int:
-    try:
-        settings = load_settings(args)
+        settings = load_settings(args, environ)
     except ConfigError as exc:
         print(f"fedfstq aggregator: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return ExitCode.CONFIG
     if args.check:
         healthy, message = check_health(settings)
         print(message, file=sys.stdout if healthy else sys.stderr)
-        return EXIT_OK if healthy else EXIT_UNEXPECTED
+        return ExitCode.OK if healthy else ExitCode.UNEXPECTED
     return serve(settings)
 
 
 def serve(settings: AggregatorSettings, stop: threading.Event | None = None) -> int:
     """Run the service until a signal (or ``stop``) or ``max_rounds``; return the exit code."""
+    from aggregator.global_adapter import LoraMismatchError
+    from aggregator.service import Aggregator
+    from broker.errors import ConnectRefusedError, SubscribeError, TransportError
+    from workload.adapters import AdapterFormatError
+    from workload.data import DataError
+    from workload.models import ModelLoadError
+
     stop = stop or threading.Event()
     service = Aggregator(settings)
 
@@ -141,24 +108,38 @@ def serve(settings: AggregatorSettings, stop: threading.Event | None = None) -> 
         except AssertionError:  # not started yet: no round state
             return {"fleet": settings.fleet}
 
-    with _stop_on_signals(stop), log_context(LogContext(context)):
+    with stop_signals(stop), log_context(LogContext(context)):
         try:
             service.start()
         except (LoraMismatchError, OSError, sqlite3.Error) as exc:
             log.error("cannot start: %s", exc)
-            return EXIT_CONFIG
-        except (ModelLoadError, DataError, AdapterFormatError) as exc:
-            log.error("cannot load the model or data: %s", exc)
-            return EXIT_MODEL
+            return ExitCode.CONFIG
+        except DataError as exc:
+            log.error("cannot read the evaluation data: %s", exc)
+            return ExitCode.DATA
+        except (ModelLoadError, AdapterFormatError) as exc:
+            log.error("cannot load the model or a stored adapter: %s", exc)
+            return ExitCode.MODEL
+        except ConnectRefusedError as exc:
+            log.error("broker %s:%d refused the connection: %s", *_broker(settings), exc)
+            return for_connect_refusal(exc.reason_code)
+        except SubscribeError as exc:
+            log.error("broker %s:%d refused a subscription: %s", *_broker(settings), exc)
+            # A refusal with a reason code is the ACL (configuration); none: the link dropped.
+            return ExitCode.CONFIG if exc.reason_code is not None else ExitCode.BROKER_UNREACHABLE
         except TransportError as exc:
-            log.error("broker %s:%d unreachable: %s", settings.mqtt.host, settings.mqtt.port, exc)
-            return EXIT_BROKER
+            log.error("broker %s:%d unreachable: %s", *_broker(settings), exc)
+            return ExitCode.BROKER_UNREACHABLE
         except Exception:
             log.exception("unexpected error at start")
-            return EXIT_UNEXPECTED
+            return ExitCode.UNEXPECTED
         try:
             service.run(stop)
         except Exception:
             log.exception("aggregator failed")
-            return EXIT_UNEXPECTED
-    return EXIT_OK
+            return ExitCode.UNEXPECTED
+    return ExitCode.OK
+
+
+def _broker(settings: AggregatorSettings) -> tuple[str, int]:
+    return settings.mqtt.host, settings.mqtt.port

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 
-__all__ = ["RejectedUpdate", "StreamingFedAvg", "apply_delta", "fedavg"]
+__all__ = ["CheckedUpdate", "RejectedUpdate", "StreamingFedAvg", "apply_delta", "fedavg"]
 
 
 class RejectedUpdate(ValueError):
@@ -20,6 +21,14 @@ class RejectedUpdate(ValueError):
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class CheckedUpdate:
+    """A client delta that passed :meth:`StreamingFedAvg.check`, and its global L2 norm."""
+
+    delta: Mapping[str, torch.Tensor]
+    norm: float
 
 
 class StreamingFedAvg:
@@ -48,8 +57,12 @@ class StreamingFedAvg:
         self.count = 0
         self.clipped = 0
 
-    def check(self, delta: Mapping[str, torch.Tensor]) -> float:
-        """Validate names, shapes and finiteness; return the update's L2 norm."""
+    def check(self, delta: Mapping[str, torch.Tensor]) -> CheckedUpdate:
+        """Validate names, shapes and finiteness, and measure the update's L2 norm.
+
+        One float64 pass per tensor: a sum of squares of float32/float16 values is finite
+        exactly when every value is, so the finiteness test runs only to word a failure.
+        """
         missing = self._shapes.keys() - delta.keys()
         extra = delta.keys() - self._shapes.keys()
         if missing or extra:
@@ -61,25 +74,30 @@ class StreamingFedAvg:
             t = delta[name]
             if tuple(t.shape) != shape:
                 raise RejectedUpdate("shape_mismatch", f"{name}: {tuple(t.shape)} != {shape}")
-            if not bool(torch.isfinite(t).all()):
+            part = float(t.double().square().sum())
+            if not math.isfinite(part) and not bool(torch.isfinite(t).all()):
                 raise RejectedUpdate("non_finite", f"{name} has NaN or Inf")
-            sq += float(t.double().square().sum())
+            sq += part
         norm = math.sqrt(sq)
         if not math.isfinite(norm):
             raise RejectedUpdate("non_finite", "update norm overflows")
-        return norm
+        return CheckedUpdate(delta, norm)
 
-    def add(self, delta: Mapping[str, torch.Tensor], weight: float) -> None:
-        """Fold one client's decoded delta in with FedAvg weight `weight` (its sample count)."""
+    def add(self, update: Mapping[str, torch.Tensor] | CheckedUpdate, weight: float) -> None:
+        """Fold one client's delta in with FedAvg weight `weight` (its sample count).
+
+        A raw delta is checked first; a :class:`CheckedUpdate` from :meth:`check` is not
+        checked again.
+        """
         if not (weight > 0 and math.isfinite(weight)):
             raise RejectedUpdate("bad_weight", f"weight must be positive and finite, got {weight}")
-        norm = self.check(delta)
+        checked = update if isinstance(update, CheckedUpdate) else self.check(update)
         scale = 1.0
-        if self._clip_norm is not None and norm > self._clip_norm:
-            scale = self._clip_norm / norm
+        if self._clip_norm is not None and checked.norm > self._clip_norm:
+            scale = self._clip_norm / checked.norm
             self.clipped += 1
         for name, acc in self._sum.items():
-            acc.add_(delta[name].double(), alpha=weight * scale)
+            acc.add_(checked.delta[name].double(), alpha=weight * scale)
         self.total_weight += weight
         self.count += 1
 

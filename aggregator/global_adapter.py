@@ -23,23 +23,13 @@ from broker.messages import GlobalChunk, GlobalManifest
 from workload.adapters import adapter_to_bytes, load_peft_dir, save_peft_dir
 from workload.models import LoraSpec
 
-__all__ = ["DOWNLINK_FORMAT", "GlobalAdapter", "LoraMismatchError", "lora_metadata"]
+__all__ = ["DOWNLINK_FORMAT", "GlobalAdapter", "LoraMismatchError"]
 
 DOWNLINK_FORMAT = "safetensors-fp16"
 
 
 class LoraMismatchError(ValueError):
     """The stored global adapter was made with another LoRA configuration than the settings."""
-
-
-def lora_metadata(spec: LoraSpec, base_model: str) -> dict[str, str | bool | int | float]:
-    """What a device needs to rebuild the peft model around the downloaded tensors."""
-    return {
-        "lora_r": spec.r,
-        "lora_alpha": spec.alpha,
-        "lora_targets": ",".join(spec.target_modules),
-        "base_model": base_model,
-    }
 
 
 @dataclass(frozen=True)
@@ -72,7 +62,7 @@ class GlobalAdapter:
             round_id=round_id,
             format=DOWNLINK_FORMAT,
             chunk_size=chunk_size,
-            metadata=lora_metadata(spec, base_model),
+            metadata=spec.to_metadata(base_model),
         )
         return cls(version, round_id, fp32, manifest, chunks)
 

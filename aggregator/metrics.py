@@ -9,23 +9,23 @@ no round is open (fetches of the new global, stragglers) is charged to the next 
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+from aggregator.round_result import ClientUpload, HeldOutEval, RoundResult, RoundStatus, ratio
 from broker.framing import publish_size
 from broker.transport import Message
+from common.record import to_json
 
-__all__ = ["ClientUpload", "RoundMetrics", "append_jsonl", "received_wire_bytes"]
+__all__ = ["RoundMetrics", "append_jsonl", "received_wire_bytes"]
 
 _TRAFFIC = (
     "uplink_messages",
     "uplink_wire_bytes",
     "uplink_payload_bytes",
     "duplicate_chunks",
-    "duplicate_bytes",
+    "uplink_resent_bytes",
     "downlink_chunks",
     "downlink_payload_bytes",
     "downlink_wire_bytes",
@@ -40,32 +40,9 @@ def received_wire_bytes(msg: Message) -> int:
     )
 
 
-@dataclass(frozen=True)
-class ClientUpload:
-    """What one accepted upload cost and how much it was compressed."""
-
-    bytes: int
-    dense_fp16_bytes: int  # 2 bytes per coordinate: the uncompressed reference
-    method: str
-    sample_count: int
-    norm: float
-    wire_bytes: int
-
-    def record(self) -> dict[str, Any]:
-        return {
-            "bytes": self.bytes,
-            "dense_fp16_bytes": self.dense_fp16_bytes,
-            "ratio_vs_fp16": self.dense_fp16_bytes / self.bytes if self.bytes else None,
-            "method": self.method,
-            "sample_count": self.sample_count,
-            "norm": self.norm,
-            "wire_bytes": self.wire_bytes,
-        }
-
-
 @dataclass
 class RoundMetrics:
-    """Mutable counters of one round; :meth:`record` is the JSON line written at its end."""
+    """Mutable counters of one round; :meth:`record` is what it came to, written at its end."""
 
     round_id: int
     base_version: int
@@ -77,7 +54,7 @@ class RoundMetrics:
     uplink_wire_bytes: int = 0
     uplink_payload_bytes: int = 0  # chunk data, first copies
     duplicate_chunks: int = 0
-    duplicate_bytes: int = 0  # chunk data of re-sent chunks
+    uplink_resent_bytes: int = 0  # chunk data of re-sent chunks
     downlink_chunks: int = 0
     downlink_payload_bytes: int = 0
     downlink_wire_bytes: int = 0
@@ -101,41 +78,50 @@ class RoundMetrics:
     def record(
         self,
         *,
-        status: str,
+        status: RoundStatus,
         global_version: int,
         closed_at: float,
-        evaluation: dict[str, float | int | None] | None = None,
+        evaluation: HeldOutEval | None = None,
         clipped: int = 0,
-    ) -> dict[str, Any]:
+        close_s: float = 0.0,
+    ) -> RoundResult:
         accepted = sum(c.bytes for c in self.clients.values())
         dense = sum(c.dense_fp16_bytes for c in self.clients.values())
-        traffic = {name: getattr(self, name) for name in _TRAFFIC}
-        return {
-            "round": self.round_id,
-            "status": status,
-            "base_version": self.base_version,
-            "global_version": global_version,
-            "selected": list(self.selected),
-            "arrived": sorted(self.clients),
-            "late": self.late,
-            "rejected": dict(sorted(self.rejected.items())),
-            **traffic,
-            "accepted_payload_bytes": accepted,
-            "ratio_vs_fp16": dense / accepted if accepted else None,
-            "clients": {name: c.record() for name, c in sorted(self.clients.items())},
-            "clipped": clipped,
-            "eval": evaluation,
-            "extensions": self.extensions,
-            "resumed": self.resumed,
-            "opened_at": self.opened_at,
-            "closed_at": closed_at,
-            "duration_s": closed_at - self.opened_at,
-        }
+        return RoundResult(
+            round=self.round_id,
+            status=status,
+            base_version=self.base_version,
+            global_version=global_version,
+            selected=self.selected,
+            arrived=tuple(sorted(self.clients)),
+            late=self.late,
+            rejected=dict(sorted(self.rejected.items())),
+            uplink_messages=self.uplink_messages,
+            uplink_wire_bytes=self.uplink_wire_bytes,
+            uplink_payload_bytes=self.uplink_payload_bytes,
+            duplicate_chunks=self.duplicate_chunks,
+            uplink_resent_bytes=self.uplink_resent_bytes,
+            downlink_chunks=self.downlink_chunks,
+            downlink_payload_bytes=self.downlink_payload_bytes,
+            downlink_wire_bytes=self.downlink_wire_bytes,
+            control_wire_bytes=self.control_wire_bytes,
+            accepted_payload_bytes=accepted,
+            ratio_vs_fp16=ratio(dense, accepted),
+            clients=dict(sorted(self.clients.items())),
+            clipped=clipped,
+            eval=evaluation,
+            extensions=self.extensions,
+            resumed=self.resumed,
+            opened_at=self.opened_at,
+            closed_at=closed_at,
+            duration_s=closed_at - self.opened_at,
+            close_s=close_s,
+        )
 
 
-def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+def append_jsonl(path: Path, record: RoundResult) -> None:
     """Append one JSON line (strict JSON: no NaN) and flush it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record, allow_nan=False) + "\n")
+        fh.write(to_json(record) + "\n")
         fh.flush()

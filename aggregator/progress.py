@@ -9,10 +9,8 @@ hostile messages) costs one message, not one each.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 from aggregator.round_controller import Event, OpenRound
+from aggregator.round_result import RoundResult
 from broker.messages import RoundPhase, RoundProgress
 
 __all__ = ["ProgressReporter", "ended_progress", "open_progress"]
@@ -38,23 +36,21 @@ def open_progress(fleet: str, rnd: OpenRound, now: float) -> RoundProgress:
     )
 
 
-def ended_progress(
-    fleet: str, record: Mapping[str, Any], deadline: float, now: float
-) -> RoundProgress:
+def ended_progress(fleet: str, record: RoundResult, deadline: float, now: float) -> RoundProgress:
     """A round that just ended, from its ``rounds.jsonl`` record."""
     return RoundProgress(
         fleet=fleet,
-        round=int(record["round"]),
-        phase=RoundPhase(record["status"]),
-        base_version=int(record["base_version"]),
-        selected=tuple(sorted(record["selected"])),
-        arrived=tuple(record["arrived"]),
-        rejected=sum(int(v) for v in record["rejected"].values()),
-        late=int(record["late"]),
-        opened_at=float(record["opened_at"]),
+        round=record.round,
+        phase=RoundPhase(record.status),
+        base_version=record.base_version,
+        selected=tuple(sorted(record.selected)),
+        arrived=record.arrived,
+        rejected=sum(record.rejected.values()),
+        late=record.late,
+        opened_at=record.opened_at,
         deadline=deadline,
-        uplink_wire_bytes=int(record["uplink_wire_bytes"]),
-        downlink_wire_bytes=int(record["downlink_wire_bytes"]),
+        uplink_wire_bytes=record.uplink_wire_bytes,
+        downlink_wire_bytes=record.downlink_wire_bytes,
         timestamp=now,
     )
 
@@ -73,7 +69,7 @@ class ProgressReporter:
         self,
         rnd: OpenRound | None,
         event: Event | None,
-        last_record: Mapping[str, Any] | None,
+        last_record: RoundResult | None,
         now: float,
     ) -> RoundProgress | None:
         """The message to publish now, if any (``event``: what this tick of the round changed)."""

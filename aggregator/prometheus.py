@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Collection, Mapping, Sequence
-from typing import Any
+from collections.abc import Collection, Sequence
+from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+if TYPE_CHECKING:
+    from aggregator.round_result import RoundResult
 
 __all__ = ["NAMESPACE", "ServiceMetrics"]
 
@@ -173,16 +176,15 @@ class ServiceMetrics:
         self.round_open.set(1)
         self.round_selected.set(len(selected))
 
-    def ended(self, record: Mapping[str, Any]) -> None:
+    def ended(self, record: RoundResult) -> None:
         """A round's ``rounds.jsonl`` record (closed or failed)."""
-        status = str(record["status"])
-        self.rounds_closed.labels(status).inc()
-        if status == "closed":
-            self.aggregation_seconds.observe(float(record.get("close_s", 0.0)))
-        self.round_seconds.labels(status).observe(max(float(record["duration_s"]), 0.0))
+        self.rounds_closed.labels(record.status).inc()
+        if record.status == "closed":
+            self.aggregation_seconds.observe(record.close_s)
+        self.round_seconds.labels(record.status).observe(max(record.duration_s, 0.0))
         self.round_open.set(0)
         self.round_selected.set(0)
-        self.global_version.set(int(record["global_version"]))
+        self.global_version.set(record.global_version)
 
     def state(self, last_round: int, open_selected: Collection[str] | None, version: int) -> None:
         """Gauges at start-up: the latest round, the resumed round's selection (None: no round

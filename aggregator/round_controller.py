@@ -19,19 +19,20 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 
 from aggregator.adapter_model import AdapterModel
-from aggregator.fedavg import RejectedUpdate, StreamingFedAvg, apply_delta
+from aggregator.fedavg import CheckedUpdate, RejectedUpdate, StreamingFedAvg, apply_delta
 from aggregator.global_adapter import GlobalAdapter
-from aggregator.metrics import ClientUpload, RoundMetrics, append_jsonl
+from aggregator.metrics import RoundMetrics, append_jsonl
+from aggregator.round_result import ClientUpload, HeldOutEval, RoundResult, RoundStatus, ratio
 from aggregator.rounds import Decision, RoundState, decide, select_clients
 from aggregator.settings import AggregatorSettings
 from aggregator.store import AcceptedUpload, AggregatorStore, GlobalRecord, RoundRecord
 from broker.messages import RoundAnnouncement, UploadManifest
+from common.record import jsonable
 from fstq.compressors import DecodeLimits, decompress
 from fstq.errors import DecodeError as PayloadDecodeError
 from workload.batches import Example
@@ -88,7 +89,7 @@ class RoundController:
         #: Lifetime counters: rejections by reason, "late", and the service's own events.
         self.counters: Counter[str] = Counter()
         #: The ``rounds.jsonl`` record of the round that ended last (this process).
-        self.last_record: dict[str, Any] | None = None
+        self.last_record: RoundResult | None = None
 
     # -- state -------------------------------------------------------------------------------
 
@@ -161,7 +162,7 @@ class RoundController:
         for up in self.store.accepted_uploads(rec.round_id):  # one payload in memory at a time
             try:
                 delta = decompress(up.payload, self.decode_limits)
-                self._fold(rnd, up, delta, rnd.fedavg.check(delta))
+                self._fold(rnd, up, rnd.fedavg.check(delta))
             except (PayloadDecodeError, RejectedUpdate) as exc:  # stored means validated once
                 log.error("stored upload of %s no longer decodes: %s", up.client_id, exc,
                           extra={"round": rec.round_id, "client": up.client_id})  # fmt: skip
@@ -186,7 +187,7 @@ class RoundController:
             delta = decompress(payload, self.decode_limits)
         except PayloadDecodeError as exc:
             raise RejectedUpdate("payload_decode", str(exc)) from None
-        norm = rnd.fedavg.check(delta)
+        checked = rnd.fedavg.check(delta)
         if manifest.sample_count < 1:
             raise RejectedUpdate("bad_weight", "sample_count must be >= 1")
         upload = AcceptedUpload(
@@ -195,18 +196,19 @@ class RoundController:
         )  # fmt: skip
         if not self.store.accept_upload(upload):
             raise RejectedUpdate("duplicate", f"{client} already has an upload this round")
-        self._fold(rnd, upload, delta, norm)
+        self._fold(rnd, upload, checked)
 
-    def _fold(
-        self, rnd: OpenRound, up: AcceptedUpload, delta: dict[str, torch.Tensor], norm: float
-    ) -> None:
+    def _fold(self, rnd: OpenRound, up: AcceptedUpload, checked: CheckedUpdate) -> None:
         """Add a validated update to the running sum and the round's bookkeeping."""
-        rnd.fedavg.add(delta, float(up.sample_count))
+        rnd.fedavg.add(checked, float(up.sample_count))
+        delta, norm = checked.delta, checked.norm
         rnd.state = rnd.state.with_arrival(up.client_id)
         n_coords = sum(t.numel() for t in delta.values())
+        sent, dense = len(up.payload), 2 * n_coords
         rnd.metrics.clients[up.client_id] = ClientUpload(
-            len(up.payload), 2 * n_coords, up.method, up.sample_count, norm, up.wire_bytes
-        )
+            bytes=sent, dense_fp16_bytes=dense, ratio_vs_fp16=ratio(dense, sent),
+            method=up.method, sample_count=up.sample_count, norm=norm, wire_bytes=up.wire_bytes,
+        )  # fmt: skip
 
     def note_rejection(
         self,
@@ -316,10 +318,10 @@ class RoundController:
     def _finish(
         self,
         rnd: OpenRound,
-        status: str,
+        status: RoundStatus,
         version: int,
         now: float,
-        evaluation: dict[str, float | int | None] | None,
+        evaluation: HeldOutEval | None,
         close_s: float = 0.0,
     ) -> None:
         record = rnd.metrics.record(
@@ -328,11 +330,11 @@ class RoundController:
             closed_at=now,
             evaluation=evaluation,
             clipped=rnd.fedavg.clipped,
+            close_s=close_s,
         )
-        record["close_s"] = close_s
         self.last_record = record
         append_jsonl(self.settings.rounds_path, record)
-        self.store.finish_round(rnd.round_id, status, now, record)
+        self.store.finish_round(rnd.round_id, status, now, jsonable(record))
         self.round = None
 
     def announcement(self) -> RoundAnnouncement:

@@ -25,7 +25,6 @@ class RoundPolicy:
     round_timeout_s: float = 300.0  # deadline = open time + this
     extension_s: float = 60.0  # grace added at a deadline without quorum
     max_extensions: int = 2  # then the round fails and the global adapter stays as it was
-    heartbeat_ttl_s: float = 90.0  # a client not heard from for this long is not selected
 
     def __post_init__(self) -> None:
         if self.clients_per_round < 1 or self.min_clients < 1 or self.quorum < 1:

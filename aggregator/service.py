@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
 import time
 from collections import Counter, OrderedDict, defaultdict
 from collections.abc import Callable
+from typing import NamedTuple
 
 from aggregator.adapter_model import AdapterModel, ModelLoader, default_loader, load_eval_examples
 from aggregator.fedavg import RejectedUpdate
@@ -26,11 +26,12 @@ from aggregator.round_controller import Event, RoundController
 from aggregator.rounds import live_clients
 from aggregator.settings import AggregatorSettings
 from aggregator.store import AggregatorStore
-from broker.chunking import chunks_for_fetch, full_bitmap
+from broker.chunking import chunks_for_fetch
 from broker.codec import decode, encode
 from broker.errors import (
     BitmapError,
     ExpiredError,
+    OriginError,
     StaleVersionError,
     TopicError,
     TransferError,
@@ -39,7 +40,7 @@ from broker.errors import (
     UnknownUploadError,
     WireError,
 )
-from broker.inbox import CompletedUpload, Inbox, UploadKey
+from broker.inbox import CompletedUpload, Inbox, UploadKey, check_origin, verdict_ack
 from broker.messages import (
     AckStatus,
     ClientState,
@@ -64,6 +65,7 @@ from broker.topics import (
     status_filter,
 )
 from broker.transport import Message, PublishHandle, Transport
+from common import atomic
 from workload.batches import Example
 
 __all__ = ["Aggregator", "ClientFactory", "Clock"]
@@ -76,6 +78,14 @@ ClientFactory = Callable[[MqttSettings], Transport]
 Clock = Callable[[], float]
 
 _MAX_THROTTLED = 4096  # upload keys remembered for ack throttling
+
+
+class _Taken(NamedTuple):
+    """An upload chunk the inbox took: how Prometheus counts its bytes, what it completed."""
+
+    kind: str  # "payload" (first copy) or "resent"
+    size: int
+    completed: CompletedUpload | None = None
 
 
 def _mqtt_client(settings: MqttSettings) -> Transport:
@@ -109,7 +119,6 @@ class Aggregator:
         self._inbox = Inbox(settings.inbox.limits())
         self._upload_wire: defaultdict[UploadKey, int] = defaultdict(int)
         self._upload_started: dict[UploadKey, float] = {}  # first manifest, for the histogram
-        self._chunk_kind: tuple[str, int] | None = None  # set by _on_chunk for _on_upload
         #: Prometheus metrics (private registry); served when ``metrics_port`` is set.
         self.prometheus = ServiceMetrics(settings.fleet)
         self._throttle: OrderedDict[UploadKey, float] = OrderedDict()
@@ -284,25 +293,32 @@ class Aggregator:
         metrics = self.rounds.metrics
         metrics.uplink_messages += 1
         metrics.uplink_wire_bytes += wire
-        self._chunk_kind = None
+        taken: _Taken | None = None
         try:
-            self._dispatch_upload(topic, msg, wire, now)
-        finally:
-            kind, size = self._chunk_kind or (None, 0)
+            taken = self._dispatch_upload(topic, msg, wire, now)
+        finally:  # every message counts; one refused or undecodable is all framing
+            kind, size = (taken.kind, taken.size) if taken is not None else (None, 0)
             self.prometheus.uplink(wire, kind, size)
+        if taken is not None and taken.completed is not None:
+            self._on_complete(topic.client, taken.completed, now)
 
-    def _dispatch_upload(self, topic: UploadTopic, msg: Message, wire: int, now: float) -> None:
+    def _dispatch_upload(
+        self, topic: UploadTopic, msg: Message, wire: int, now: float
+    ) -> _Taken | None:
+        """Route one upload message; returns the chunk the inbox took, if it took one."""
         body = decode(msg.payload)
         if not isinstance(body, UploadManifest | UploadChunk):
             raise UnexpectedKindError(f"{body.kind!r} on an upload topic")
         key = UploadKey.of(body)
-        if body.client != topic.client or body.round != topic.round:
-            detail = f"{body.kind} of {body.client}/{body.round} on {topic}"
-            self._reject(key, topic.client, "origin", detail, now)
-        elif isinstance(body, UploadManifest):
+        try:
+            check_origin(body, topic)
+        except OriginError as exc:
+            self._reject(key, topic.client, exc.reason, str(exc), now)
+            return None
+        if isinstance(body, UploadManifest):
             self._on_manifest(topic.client, body, key, wire, now)
-        else:
-            self._on_chunk(topic.client, body, key, wire, now)
+            return None
+        return self._on_chunk(topic.client, body, key, wire, now)
 
     def _on_manifest(
         self, client: str, m: UploadManifest, key: UploadKey, wire: int, now: float
@@ -311,7 +327,7 @@ class Aggregator:
         # restart, or the round closed meanwhile) must hear ``complete``, never ``late``.
         stored = self.rounds.store.accepted_upload(m.round, client)
         if stored is not None and stored.upload_id == m.upload_id:
-            self._send_ack(client, _complete_ack(m))
+            self._send_ack(client, verdict_ack(key, AckStatus.COMPLETE, chunk_count=m.chunk_count))
             return
         rnd = self.rounds.round
         if rnd is None or m.round != rnd.round_id:
@@ -329,7 +345,7 @@ class Aggregator:
             self._reject(key, client, "base_version", detail, now)
             return
         try:
-            ack = self._inbox.open(m, now=now, sender=client)
+            ack = self._inbox.open(m, now=now)
         except TransferError as exc:  # limits (checked before allocating), manifest conflict
             self._reject(key, client, exc.reason, str(exc), now)
             return
@@ -337,19 +353,21 @@ class Aggregator:
         self._upload_started.setdefault(key, now)
         self._send_ack(client, ack)
 
-    def _on_chunk(self, client: str, c: UploadChunk, key: UploadKey, wire: int, now: float) -> None:
+    def _on_chunk(
+        self, client: str, c: UploadChunk, key: UploadKey, wire: int, now: float
+    ) -> _Taken | None:
         metrics = self.rounds.metrics
         try:
-            result = self._inbox.add(c, now=now, sender=client)
+            result = self._inbox.add(c, now=now)
         except UnknownUploadError:
             if self.open_round == c.round:  # e.g. we restarted: the device re-sends its manifest
-                self._send_throttled(client, key, _ack(key, AckStatus.UNKNOWN), now)
+                self._send_throttled(client, key, verdict_ack(key, AckStatus.UNKNOWN), now)
             else:
                 self._not_open(key, client, now, per_chunk=True)
-            return
+            return None
         except ExpiredError as exc:
             self._reject(key, client, exc.reason, str(exc), now, late=True)
-            return
+            return None
         except WireError as exc:  # TransferError (index, size) or ChecksumError (CRC, SHA-256)
             if key in self._inbox:
                 # A bad chunk (CRC, index, size) is dropped and a resend fixes it: answer with
@@ -359,21 +377,20 @@ class Aggregator:
             else:  # SHA-256 mismatch: the inbox voided the upload
                 self._forget(key)
                 self._reject(key, client, exc.reason, str(exc), now)
-            return
+            return None
         if not result.new and key not in self._inbox:  # the upload was settled before
-            self._on_settled_chunk(client, key, c, now)
-            return
+            return self._on_settled_chunk(client, key, c, now)
         self._upload_wire[key] += wire
         if not result.new:
             metrics.duplicate_chunks += 1
-            metrics.duplicate_bytes += len(c.data)
+            metrics.uplink_resent_bytes += len(c.data)
         else:
             metrics.uplink_payload_bytes += len(c.data)
-        self._chunk_kind = ("payload" if result.new else "resent", len(c.data))
-        if result.completed is not None:
-            self._on_complete(client, key, result.completed, now)
+        return _Taken("payload" if result.new else "resent", len(c.data), result.completed)
 
-    def _on_settled_chunk(self, client: str, key: UploadKey, c: UploadChunk, now: float) -> None:
+    def _on_settled_chunk(
+        self, client: str, key: UploadKey, c: UploadChunk, now: float
+    ) -> _Taken | None:
         """A chunk of a finished upload: a duplicate if it completed, else the verdict again.
 
         An upload dropped when its round closed (or expired, or refused) is not a duplicate:
@@ -383,13 +400,15 @@ class Aggregator:
         verdict = self._inbox.ack(key)
         if verdict.status is AckStatus.COMPLETE:  # at-least-once delivery, or a replay
             self.rounds.metrics.duplicate_chunks += 1
-            self.rounds.metrics.duplicate_bytes += len(c.data)
-            self._chunk_kind = ("resent", len(c.data))
-        elif self._send_throttled(client, key, verdict, now):
+            self.rounds.metrics.uplink_resent_bytes += len(c.data)
+            return _Taken("resent", len(c.data))
+        if self._send_throttled(client, key, verdict, now):
             self.counters[f"{verdict.reason or verdict.status.value}_chunks"] += 1
+        return None
 
-    def _on_complete(self, client: str, key: UploadKey, done: CompletedUpload, now: float) -> None:
+    def _on_complete(self, client: str, done: CompletedUpload, now: float) -> None:
         """Decode, validate, commit, fold in; then (and only then) acknowledge ``complete``."""
+        key = UploadKey.of(done.manifest)
         wire = self._upload_wire.pop(key, 0)
         started = self._upload_started.pop(key, None)
         try:
@@ -412,7 +431,7 @@ class Aggregator:
         else:
             status, reason = AckStatus.REJECTED, "unknown_round"
         if per_chunk:  # the chunks of a late upload: answer them (throttled), count the manifest
-            if self._send_throttled(client, key, _ack(key, status, reason), now):
+            if self._send_throttled(client, key, verdict_ack(key, status, reason), now):
                 self.counters[f"{reason}_chunks"] += 1
             return
         self._reject(key, client, reason, f"round {key.round} is not open", now,
@@ -452,7 +471,7 @@ class Aggregator:
         """Count, record and log a refused upload, and tell the device (``rejected``/``late``)."""
         self._note_rejection(key.round, client, reason, detail, now, late=late)
         status = AckStatus.LATE if late else AckStatus.REJECTED
-        self._send_ack(client, _ack(key, status, reason))
+        self._send_ack(client, verdict_ack(key, status, reason))
 
     def _send_ack(self, client: str, ack: UploadAck) -> None:
         handle = self._publish(ack_topic(self._fleet, client), encode(ack))
@@ -537,23 +556,4 @@ class Aggregator:
         if mono < self._next_health:
             return
         self._next_health = mono + self.settings.health_interval_s
-        path = self.settings.health_path
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(f"{time.time():.3f}\n")
-        os.replace(tmp, path)
-
-
-def _ack(key: UploadKey, status: AckStatus, reason: str = "") -> UploadAck:
-    """An ack without a bitmap (every status but ``receiving``/``complete``)."""
-    return UploadAck(upload_id=key.upload_id, round=key.round, status=status, chunk_count=0,
-                     have=b"", reason=reason[:256])  # fmt: skip
-
-
-def _complete_ack(m: UploadManifest) -> UploadAck:
-    return UploadAck(
-        upload_id=m.upload_id,
-        round=m.round,
-        status=AckStatus.COMPLETE,
-        chunk_count=m.chunk_count,
-        have=full_bitmap(m.chunk_count),
-    )
+        atomic.write_text(self.settings.health_path, f"{time.time():.3f}\n")

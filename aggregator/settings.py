@@ -8,22 +8,29 @@ sits in the TOML file or the unit's environment.
 
 The state directory layout (the SQLite store, global adapters, metrics, the health file) is
 defined here, once, because both the service and `--check` need it.
+
+Defaults are written once: where a domain object has one (RoundPolicy, InboxLimits), the setting
+takes it from there. LoraSpec's live in workload.models, which loads torch, so LoraSettings keeps
+its own and tests/aggregator/test_settings.py holds them equal (a configuration error or
+`--check` must not load torch).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Self
+from typing import TYPE_CHECKING, Annotated, Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from aggregator.rounds import RoundPolicy
-from broker.chunking import MiB, TransferLimits
+from broker.chunking import TransferLimits
 from broker.inbox import InboxLimits
 from broker.messages import DEFAULT_CHUNK_SIZE, MAX_CHUNK_BYTES
-from broker.settings import ServiceSettings
-from workload.models import LoraSpec
+from broker.settings import MqttServiceSettings
+
+if TYPE_CHECKING:
+    from workload.models import LoraSpec
 
 __all__ = [
     "DB_FILE",
@@ -40,6 +47,9 @@ Positive = Annotated[float, Field(gt=0)]
 
 DB_FILE = "aggregator.db"
 HEALTH_FILE = "health"
+
+_POLICY = RoundPolicy()
+_INBOX = InboxLimits()
 
 
 class LoraSettings(BaseModel):
@@ -58,6 +68,8 @@ class LoraSettings(BaseModel):
     )
 
     def spec(self) -> LoraSpec:
+        from workload.models import LoraSpec  # torch: only where the adapter is built
+
         return LoraSpec(self.r, self.alpha, self.dropout, self.target_modules)
 
 
@@ -66,14 +78,14 @@ class RoundSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    clients_per_round: Annotated[int, Field(ge=1)] = 3
+    clients_per_round: Annotated[int, Field(ge=1)] = _POLICY.clients_per_round
     #: Do not open a round with fewer live clients than max(min_clients, quorum).
-    min_clients: Annotated[int, Field(ge=1)] = 1
+    min_clients: Annotated[int, Field(ge=1)] = _POLICY.min_clients
     #: Completed uploads needed to close at the deadline.
-    quorum: Annotated[int, Field(ge=1)] = 1
-    round_timeout_s: Positive = 300.0
-    extension_s: Positive = 60.0
-    max_extensions: Annotated[int, Field(ge=0)] = 2
+    quorum: Annotated[int, Field(ge=1)] = _POLICY.quorum
+    round_timeout_s: Positive = _POLICY.round_timeout_s
+    extension_s: Positive = _POLICY.extension_s
+    max_extensions: Annotated[int, Field(ge=0)] = _POLICY.max_extensions
     #: A client not heard from for this long is not selected.
     heartbeat_ttl_s: Positive = 90.0
     #: Sending time devices should budget for (rate mode: budget = rate x window);
@@ -99,7 +111,6 @@ class RoundSettings(BaseModel):
             round_timeout_s=self.round_timeout_s,
             extension_s=self.extension_s,
             max_extensions=self.max_extensions,
-            heartbeat_ttl_s=self.heartbeat_ttl_s,
         )
 
 
@@ -108,14 +119,14 @@ class InboxSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    max_total_size: Annotated[int, Field(ge=1)] = 64 * MiB
-    max_chunk_count: Annotated[int, Field(ge=1)] = 4096
-    max_chunk_size: Annotated[int, Field(ge=1)] = 1 * MiB
-    max_uploads: Annotated[int, Field(ge=1)] = 64
-    max_uploads_per_client: Annotated[int, Field(ge=1)] = 2
-    max_reserved_bytes: Annotated[int, Field(ge=1)] = 256 * MiB
-    upload_ttl_s: Positive = 900.0
-    max_finished: Annotated[int, Field(ge=1)] = 4096
+    max_total_size: Annotated[int, Field(ge=1)] = _INBOX.transfer.max_total_size
+    max_chunk_count: Annotated[int, Field(ge=1)] = _INBOX.transfer.max_chunk_count
+    max_chunk_size: Annotated[int, Field(ge=1)] = _INBOX.transfer.max_chunk_size
+    max_uploads: Annotated[int, Field(ge=1)] = _INBOX.max_uploads
+    max_uploads_per_client: Annotated[int, Field(ge=1)] = _INBOX.max_uploads_per_client
+    max_reserved_bytes: Annotated[int, Field(ge=1)] = _INBOX.max_reserved_bytes
+    upload_ttl_s: Positive = _INBOX.upload_ttl_s
+    max_finished: Annotated[int, Field(ge=1)] = _INBOX.max_finished
 
     def limits(self) -> InboxLimits:
         return InboxLimits(
@@ -140,7 +151,7 @@ class EvalSettings(BaseModel):
     batch_size: Annotated[int, Field(ge=1)] = 16
 
 
-class AggregatorSettings(ServiceSettings):
+class AggregatorSettings(MqttServiceSettings):
     """Everything the aggregator service needs."""
 
     model_config = SettingsConfigDict(

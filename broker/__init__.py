@@ -8,8 +8,8 @@ in paho. ``broker.local`` starts a private Mosquitto (tests, simulations).
 """
 
 from broker.chunking import (
+    Chunk,
     Download,
-    Piece,
     Reassembler,
     Split,
     TransferLimits,
@@ -46,6 +46,7 @@ from broker.transport import Message, PublishHandle, Transport, Will
 __all__ = [
     "PROTOCOL_VERSION",
     "AckStatus",
+    "Chunk",
     "ChunkResult",
     "ClientState",
     "ClientStatus",
@@ -60,7 +61,6 @@ __all__ = [
     "MemoryClient",
     "Message",
     "MqttSettings",
-    "Piece",
     "PublishHandle",
     "Reassembler",
     "RoundAnnouncement",

@@ -1,6 +1,6 @@
 """Chunked transfer in both directions. Pure: no I/O, no clock (callers pass ``now``).
 
-* :func:`split` cuts a payload into pieces (CRC-32 each) and a :class:`TransferSpec`
+* :func:`split` cuts a payload into chunks (:class:`Chunk`, CRC-32 each) and a :class:`TransferSpec`
   (total size, chunk count, chunk size, SHA-256 of the whole payload).
 * :class:`Reassembler` puts one transfer back together: any order, duplicates ignored (QoS 1 is
   at-least-once), every chunk's CRC-32 checked on arrival, the SHA-256 at completion, hard limits
@@ -46,8 +46,8 @@ from broker.messages import (
 )
 
 __all__ = [
+    "Chunk",
     "Download",
-    "Piece",
     "Reassembler",
     "Split",
     "TransferLimits",
@@ -126,7 +126,9 @@ class TransferSpec:
 
 
 @dataclass(frozen=True, slots=True)
-class Piece:
+class Chunk:
+    """One chunk of a split payload: what an ``UploadChunk`` or ``GlobalChunk`` carries."""
+
     index: int
     crc32: int
     data: bytes
@@ -134,17 +136,17 @@ class Piece:
 
 class Split(NamedTuple):
     spec: TransferSpec
-    pieces: tuple[Piece, ...]
+    chunks: tuple[Chunk, ...]
 
 
 def split(payload: bytes, chunk_size: int) -> Split:
-    """Cut ``payload`` into ``chunk_size`` pieces (the last may be shorter; empty -> one piece)."""
+    """Cut ``payload`` into ``chunk_size`` chunks (the last may be shorter; empty -> one)."""
     if chunk_size < 1:
         raise ValueError("chunk_size must be >= 1")
     data = bytes(payload)
     count = chunk_count_for(len(data), chunk_size)
     pieces = tuple(
-        Piece(i, crc32(part), part)
+        Chunk(i, crc32(part), part)
         for i in range(count)
         for part in (data[i * chunk_size : (i + 1) * chunk_size],)
     )

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["packet_size", "publish_size", "varint_len"]
+from broker.errors import PacketTooLargeError
+
+__all__ = ["check_packet_size", "packet_size", "publish_size", "varint_len"]
 
 _EXPIRY_PROPERTY = 1 + 4  # identifier byte + four-byte integer
 
@@ -37,3 +39,14 @@ def publish_size(
     for key, value in user_properties:
         props += 1 + 2 + len(key.encode()) + 2 + len(value.encode())
     return packet_size(topic, payload, qos, varint_len(props) + props)
+
+
+def check_packet_size(topic: str, size: int, *limits: int | None) -> None:
+    """:class:`PacketTooLargeError` if ``size`` exceeds the smallest limit set (None: unset)."""
+    limit = min((x for x in limits if x), default=None)
+    if limit is not None and size > limit:
+        raise PacketTooLargeError(
+            f"PUBLISH of {size} bytes to {topic!r} exceeds the {limit} byte limit",
+            size=size,
+            limit=limit,
+        )

@@ -3,6 +3,8 @@
 An :class:`Inbox` manages many uploads keyed by :class:`UploadKey` ``(round, client, upload_id)``
 with memory bounded by :class:`InboxLimits`:
 
+* the caller first checks that a message names the client and round of the topic it came on
+  (:func:`check_origin`), once, before anything else looks at it;
 * a manifest opens an upload after every limit is checked (per-transfer size/chunk limits,
   concurrent uploads in total and per client, reserved bytes = sum of declared sizes) --
   nothing is allocated for a refused manifest;
@@ -36,8 +38,17 @@ from broker.errors import (
     UnknownUploadError,
 )
 from broker.messages import AckStatus, UploadAck, UploadChunk, UploadManifest
+from broker.topics import UploadTopic
 
-__all__ = ["ChunkResult", "CompletedUpload", "Inbox", "InboxLimits", "UploadKey"]
+__all__ = [
+    "ChunkResult",
+    "CompletedUpload",
+    "Inbox",
+    "InboxLimits",
+    "UploadKey",
+    "check_origin",
+    "verdict_ack",
+]
 
 
 class UploadKey(NamedTuple):
@@ -105,15 +116,9 @@ class Inbox:
         return list(self._open)
 
     def open(
-        self,
-        manifest: UploadManifest,
-        *,
-        now: float,
-        sender: str | None = None,
-        expires_at: float | None = None,
+        self, manifest: UploadManifest, *, now: float, expires_at: float | None = None
     ) -> UploadAck:
         """Accept a manifest (idempotent for an identical re-send) and return the ack to send."""
-        _check_origin(sender, manifest.client)
         key = UploadKey.of(manifest)
         if key in self._finished:
             return self.ack(key)
@@ -143,9 +148,8 @@ class Inbox:
         self.reserved_bytes += spec.total_size
         return self.ack(key)
 
-    def add(self, chunk: UploadChunk, *, now: float, sender: str | None = None) -> ChunkResult:
+    def add(self, chunk: UploadChunk, *, now: float) -> ChunkResult:
         """Store a chunk; on the last one verify the SHA-256 and return the completed upload."""
-        _check_origin(sender, chunk.client)
         key = UploadKey.of(chunk)
         if key in self._finished:
             return ChunkResult(key, new=False)
@@ -180,15 +184,7 @@ class Inbox:
                 have=r.have_bitmap(),
             )
         status, reason, count = self._finished.get(key, (AckStatus.UNKNOWN, "", 0))
-        have = full_bitmap(count) if status is AckStatus.COMPLETE else b""
-        return UploadAck(
-            upload_id=key.upload_id,
-            round=key.round,
-            status=status,
-            chunk_count=count if have else 0,
-            have=have,
-            reason=reason,
-        )
+        return verdict_ack(key, status, reason, count)
 
     def drop(
         self, key: UploadKey, status: AckStatus = AckStatus.REJECTED, reason: str = ""
@@ -233,6 +229,26 @@ class Inbox:
             self._finished.popitem(last=False)
 
 
-def _check_origin(sender: str | None, client: str) -> None:
-    if sender is not None and sender != client:
-        raise OriginError(f"message for client {client!r} arrived on {sender!r}'s topic")
+def verdict_ack(
+    key: UploadKey, status: AckStatus, reason: str = "", chunk_count: int = 0
+) -> UploadAck:
+    """An ack that is not progress: ``complete`` (all ``chunk_count`` chunks) or a verdict."""
+    have = full_bitmap(chunk_count) if status is AckStatus.COMPLETE else b""
+    return UploadAck(
+        upload_id=key.upload_id,
+        round=key.round,
+        status=status,
+        chunk_count=chunk_count if have else 0,
+        have=have,
+        reason=reason[:256],  # the wire limit; longer details go to the log
+    )
+
+
+def check_origin(msg: UploadManifest | UploadChunk, topic: UploadTopic) -> None:
+    """:class:`OriginError` unless ``msg`` names the client and round of ``topic``.
+
+    The broker's ACL vouches only for the topic (``pattern write fstq/v1/+/up/%u/+``), so what
+    a message says about its sender counts only where the two agree.
+    """
+    if msg.client != topic.client or msg.round != topic.round:
+        raise OriginError(f"{msg.kind} of {msg.client}/{msg.round} on {topic}")

@@ -19,23 +19,13 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Self
 
-from broker.errors import ClientClosedError, PacketTooLargeError, PublishError
-from broker.framing import packet_size, varint_len
+from broker.errors import ClientClosedError, PublishError
+from broker.framing import check_packet_size
 from broker.settings import MqttSettings
 from broker.topics import topic_matches
-from broker.transport import (
-    ClientStats,
-    Completion,
-    Message,
-    PublishHandle,
-    PublishWaitMixin,
-    Will,
-)
+from broker.transport import ClientStats, Completion, Message, PublishHandle, Transport, Will
 
 __all__ = ["MemoryBroker", "MemoryClient"]
 
@@ -102,7 +92,7 @@ class MemoryBroker:
                     session.inbox.put(live)
 
 
-class MemoryClient(PublishWaitMixin):
+class MemoryClient(Transport):
     """A :class:`~broker.transport.Transport` talking to a :class:`MemoryBroker`."""
 
     def __init__(
@@ -112,15 +102,6 @@ class MemoryClient(PublishWaitMixin):
         self.stats = ClientStats()
         self._session: _Session | None = None
         self._closed = False
-
-    def __enter__(self) -> Self:
-        self.connect()
-        return self
-
-    def __exit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     @property
     def is_connected(self) -> bool:
@@ -154,32 +135,15 @@ class MemoryClient(PublishWaitMixin):
             self.broker._route(Message(w.topic, w.payload, w.qos, w.retain, (), w.expiry_s))
         self.close()
 
-    def publish(
-        self,
-        topic: str,
-        payload: bytes,
-        *,
-        qos: int = 1,
-        retain: bool = False,
-        expiry_s: int | None = None,
-        user_properties: Sequence[tuple[str, str]] = (),
-    ) -> PublishHandle:
+    def send(self, message: Message) -> PublishHandle:
         if self._closed:
             raise ClientClosedError("client is closed")
+        topic = message.topic
         if not topic or "+" in topic or "#" in topic:
             raise PublishError(f"invalid publish to {topic!r}", reason="invalid")
-        props = 5 if expiry_s is not None else 0
-        props += sum(5 + len(k.encode()) + len(v.encode()) for k, v in user_properties)
-        size = packet_size(topic, payload, qos, varint_len(props) + props)
-        limits = [x for x in (self.broker.max_packet_size, self.settings.max_packet_size) if x]
-        if limits and size > min(limits):
-            raise PacketTooLargeError(
-                f"PUBLISH of {size} bytes to {topic!r} exceeds the {min(limits)} byte limit",
-                size=size,
-                limit=min(limits),
-            )
-        msg = Message(topic, bytes(payload), qos, retain, tuple(user_properties), expiry_s)
-        self.broker._route(msg)
+        size = message.wire_size
+        check_packet_size(topic, size, self.broker.max_packet_size, self.settings.max_packet_size)
+        self.broker._route(message)
         self.stats.published += 1
         self.stats.published_bytes += size
         done = Completion()
@@ -209,7 +173,3 @@ class MemoryClient(PublishWaitMixin):
         self.stats.received += 1
         self.stats.received_bytes += len(msg.payload)
         return msg
-
-    def messages(self, idle_timeout: float | None = None) -> Iterator[Message]:
-        while (msg := self.receive(idle_timeout)) is not None:
-            yield msg

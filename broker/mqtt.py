@@ -24,9 +24,8 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from types import TracebackType
-from typing import Any, Self
+from collections.abc import Iterator
+from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -41,20 +40,12 @@ from broker.errors import (
     ClientClosedError,
     ConnectError,
     ConnectRefusedError,
-    PacketTooLargeError,
     PublishError,
     SubscribeError,
 )
-from broker.framing import packet_size
+from broker.framing import check_packet_size, packet_size
 from broker.settings import MqttSettings
-from broker.transport import (
-    ClientStats,
-    Completion,
-    Message,
-    PublishHandle,
-    PublishWaitMixin,
-    Will,
-)
+from broker.transport import ClientStats, Completion, Message, PublishHandle, Transport, Will
 
 __all__ = ["ClientStats", "Message", "MqttClient", "MqttSettings", "PublishHandle", "Will"]
 
@@ -69,7 +60,7 @@ def _properties(packet_type: int) -> Properties:
     return Properties(packet_type)  # type: ignore[no-untyped-call]
 
 
-class MqttClient(PublishWaitMixin):
+class MqttClient(Transport):
     """Synchronous MQTT 5 client; use as a context manager or call connect()/close()."""
 
     def __init__(
@@ -137,15 +128,6 @@ class MqttClient(PublishWaitMixin):
         return c
 
     # -- lifecycle ---------------------------------------------------------------------------
-
-    def __enter__(self) -> Self:
-        self.connect()
-        return self
-
-    def __exit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     def connect(self, timeout: float | None = 10.0) -> None:
         """Start the network thread and wait up to ``timeout`` s for the first CONNACK.
@@ -227,37 +209,25 @@ class MqttClient(PublishWaitMixin):
 
     # -- publish / subscribe -----------------------------------------------------------------
 
-    def publish(
-        self,
-        topic: str,
-        payload: bytes,
-        *,
-        qos: int = 1,
-        retain: bool = False,
-        expiry_s: int | None = None,
-        user_properties: Sequence[tuple[str, str]] = (),
-    ) -> PublishHandle:
+    def send(self, message: Message) -> PublishHandle:
         """Queue a PUBLISH; messages published while disconnected go out after reconnecting."""
         if self._closing.is_set():
             raise ClientClosedError("client is closed")
+        topic, payload, qos = message.topic, message.payload, message.qos
         props: Properties | None = None
-        if expiry_s is not None or user_properties:
+        if message.expiry_s is not None or message.user_properties:
             props = _properties(PacketTypes.PUBLISH)
-            if expiry_s is not None:
-                props.MessageExpiryInterval = expiry_s
-            if user_properties:
-                props.UserProperty = list(user_properties)
+            if message.expiry_s is not None:
+                props.MessageExpiryInterval = message.expiry_s
+            if message.user_properties:
+                props.UserProperty = list(message.user_properties)
         packed = len(props.pack()) if props is not None else 1  # type: ignore[no-untyped-call]
         size = packet_size(topic, payload, qos, packed)
-        limits = [x for x in (self._broker_max_packet, self.settings.max_packet_size) if x]
-        if limits and size > min(limits):
-            raise PacketTooLargeError(
-                f"PUBLISH of {size} bytes to {topic!r} exceeds the {min(limits)} byte limit",
-                size=size,
-                limit=min(limits),
-            )
+        check_packet_size(topic, size, self._broker_max_packet, self.settings.max_packet_size)
         try:
-            info = self._paho.publish(topic, payload, qos=qos, retain=retain, properties=props)
+            info = self._paho.publish(
+                topic, payload, qos=qos, retain=message.retain, properties=props
+            )
         except ValueError as exc:
             raise PublishError(f"invalid publish to {topic!r}: {exc}", reason="invalid") from None
         waiter = self._register(info.mid)
@@ -327,11 +297,6 @@ class MqttClient(PublishWaitMixin):
         if msg is None:
             self._incoming.put(None)  # keep the close marker for other readers
         return msg
-
-    def messages(self, idle_timeout: float | None = None) -> Iterator[Message]:
-        """Iterate received messages until ``idle_timeout`` s pass without one, or close."""
-        while (msg := self.receive(idle_timeout)) is not None:
-            yield msg
 
     @property
     def pending(self) -> int:

@@ -1,14 +1,14 @@
 """Connection settings for :class:`broker.mqtt.MqttClient`, built by callers (no env reads here).
 
-Services embed :class:`MqttSettings` in their own pydantic-settings classes; this module never
-looks at the environment or files.
+Services embed :class:`MqttSettings` in their own settings through :class:`MqttServiceSettings`
+(the ``[mqtt]`` table and the broker password file); this module never looks at the environment
+or files itself: :class:`common.settings.ServiceSettings` says how the entry point builds them.
 """
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Self
+from typing import Annotated, Self
 
 from pydantic import (
     BaseModel,
@@ -16,12 +16,12 @@ from pydantic import (
     Field,
     SecretStr,
     StringConstraints,
-    ValidationError,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
-__all__ = ["ConfigError", "MqttSettings", "ServiceSettings", "TlsSettings", "read_toml"]
+from common.settings import ServiceSettings
+
+__all__ = ["MqttServiceSettings", "MqttSettings", "TlsSettings"]
 
 
 class TlsSettings(BaseModel):
@@ -76,13 +76,11 @@ class MqttSettings(BaseModel):
         return self
 
 
-class ServiceSettings(BaseSettings):
+class MqttServiceSettings(ServiceSettings):
     """Base of the services' settings: the MQTT connection and its password file.
 
-    Subclasses set ``model_config`` (their env prefix). The environment beats the TOML file,
-    whose tables the entry point passes as keyword arguments; the password is read from
-    ``mqtt_password_file`` (systemd ``LoadCredential=``, Docker secrets) so it never sits in the
-    file or the unit's environment.
+    The password is read from ``mqtt_password_file`` (systemd ``LoadCredential=``, Docker
+    secrets) so it never sits in the TOML file or the unit's environment.
     """
 
     mqtt: MqttSettings
@@ -99,41 +97,3 @@ class ServiceSettings(BaseSettings):
             mqtt = self.mqtt.model_copy(update={"password": SecretStr(secret)})
             object.__setattr__(self, "mqtt", mqtt)
         return self
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return env_settings, init_settings
-
-
-class ConfigError(ValueError):
-    """A service's configuration (file, environment or flags) is unusable; the message says why."""
-
-    @classmethod
-    def from_validation(
-        cls, what: str, exc: ValidationError, root: str = "settings"
-    ) -> ConfigError:
-        """One line naming every bad setting by its dotted path, e.g. ``rounds.quorum: ...``."""
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or root}: {e['msg']}" for e in exc.errors()
-        )
-        return cls(f"invalid {what}: {problems}")
-
-
-def read_toml(path: Path | None) -> dict[str, Any]:
-    """The tables of a service's TOML file (empty without a path), read by the entry point."""
-    if path is None:
-        return {}
-    try:
-        with open(path, "rb") as fh:
-            return tomllib.load(fh)
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None

@@ -1,4 +1,4 @@
-"""MQTT topic namespace of fedfstq: value objects, one builder and one parser per family.
+"""MQTT topic namespace of fedfstq: one value object and one builder per family, one parser.
 
 Layout (``<fleet>`` and ``<client>`` are ids, ``<round>`` a decimal round number)::
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Self, TypeVar
 
 from broker.errors import TopicError
 
@@ -41,30 +41,20 @@ __all__ = [
     "StatusTopic",
     "Topic",
     "UploadTopic",
-    "ack_filter",
     "ack_topic",
     "aggregator_filters",
     "device_filters",
-    "down_filter",
     "down_topic",
     "fetch_filter",
     "fetch_topic",
     "global_manifest_topic",
     "observer_filters",
-    "parse_ack_topic",
-    "parse_down_topic",
-    "parse_fetch_topic",
-    "parse_global_manifest_topic",
-    "parse_progress_topic",
-    "parse_round_topic",
-    "parse_status_topic",
     "parse_topic",
-    "parse_upload_topic",
     "progress_topic",
     "round_topic",
-    "shared",
     "status_filter",
     "status_topic",
+    "topic_as",
     "topic_matches",
     "upload_filter",
     "upload_topic",
@@ -97,17 +87,16 @@ def _parse_round(segment: str) -> int:
 
 
 def _segments(topic: str, family: str, n_after: int) -> list[str]:
-    """Split ``topic``, check prefix and family, and return the ``n_after`` trailing segments."""
+    """Split ``topic``, check prefix and family; return the fleet and the ``n_after`` after it."""
     parts = topic.split("/") if isinstance(topic, str) else []
     if len(parts) != 4 + n_after or f"{parts[0]}/{parts[1]}" != PREFIX or parts[3] != family:
         raise TopicError(f"not a {PREFIX}/<fleet>/{family} topic: {topic!r}")
-    validate_id(parts[2], "fleet")
-    return parts[4:]
+    return [parts[2], *parts[4:]]
 
 
 @dataclass(frozen=True, slots=True)
 class _FleetTopic:
-    """Shared shape of ``fstq/v1/<fleet>/<family>`` topics (one per fleet, retained)."""
+    """``fstq/v1/<fleet>/<family>`` and, in subclasses, the segments after the family."""
 
     family: ClassVar[str] = ""
     fleet: str
@@ -116,14 +105,15 @@ class _FleetTopic:
         validate_id(self.fleet, "fleet")
 
     def __str__(self) -> str:
-        return f"{PREFIX}/{self.fleet}/{self.family}"
+        return "/".join((PREFIX, self.fleet, self.family, *self._after()))
+
+    def _after(self) -> tuple[str, ...]:
+        return ()
 
     @classmethod
-    def _parse(cls, topic: str) -> str:
-        parts = topic.split("/") if isinstance(topic, str) else []
-        if len(parts) != 4 or f"{parts[0]}/{parts[1]}" != PREFIX or parts[3] != cls.family:
-            raise TopicError(f"not a {cls.family} topic: {topic!r}")
-        return validate_id(parts[2], "fleet")
+    def _parse(cls, topic: str) -> Self:
+        (fleet,) = _segments(topic, cls.family, 0)
+        return cls(fleet)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,10 +122,6 @@ class RoundTopic(_FleetTopic):
 
     family: ClassVar[str] = "round"
 
-    @classmethod
-    def parse(cls, topic: str) -> RoundTopic:
-        return cls(cls._parse(topic))
-
 
 @dataclass(frozen=True, slots=True)
 class ProgressTopic(_FleetTopic):
@@ -143,74 +129,62 @@ class ProgressTopic(_FleetTopic):
 
     family: ClassVar[str] = "progress"
 
-    @classmethod
-    def parse(cls, topic: str) -> ProgressTopic:
-        return cls(cls._parse(topic))
-
 
 @dataclass(frozen=True, slots=True)
-class GlobalManifestTopic:
+class GlobalManifestTopic(_FleetTopic):
     """``fstq/v1/<fleet>/global/manifest`` (retained GlobalManifest)."""
 
     family: ClassVar[str] = "global"
-    fleet: str
 
-    def __post_init__(self) -> None:
-        validate_id(self.fleet, "fleet")
-
-    def __str__(self) -> str:
-        return f"{PREFIX}/{self.fleet}/global/manifest"
+    def _after(self) -> tuple[str, ...]:
+        return ("manifest",)
 
     @classmethod
-    def parse(cls, topic: str) -> GlobalManifestTopic:
-        (leaf,) = _segments(topic, "global", 1)
+    def _parse(cls, topic: str) -> Self:
+        fleet, leaf = _segments(topic, cls.family, 1)
         if leaf != "manifest":
             raise TopicError(f"not a global manifest topic: {topic!r}")
-        return cls(topic.split("/")[2])
+        return cls(fleet)
 
 
 @dataclass(frozen=True, slots=True)
-class UploadTopic:
+class _ClientTopic(_FleetTopic):
+    """``fstq/v1/<fleet>/<family>/<client>``: the client id right after the family (ACLs)."""
+
+    client: str
+
+    # The base methods are called by name, not through super(): slots=True makes a new class.
+    def __post_init__(self) -> None:
+        _FleetTopic.__post_init__(self)
+        validate_id(self.client, "client")
+
+    def _after(self) -> tuple[str, ...]:
+        return (self.client,)
+
+    @classmethod
+    def _parse(cls, topic: str) -> Self:
+        fleet, client = _segments(topic, cls.family, 1)
+        return cls(fleet, client)
+
+
+@dataclass(frozen=True, slots=True)
+class UploadTopic(_ClientTopic):
     """``fstq/v1/<fleet>/up/<client>/<round>`` (UploadManifest and UploadChunk)."""
 
     family: ClassVar[str] = "up"
-    fleet: str
-    client: str
     round: int
 
     def __post_init__(self) -> None:
-        validate_id(self.fleet, "fleet")
-        validate_id(self.client, "client")
+        _ClientTopic.__post_init__(self)
         _validate_round(self.round)
 
-    def __str__(self) -> str:
-        return f"{PREFIX}/{self.fleet}/up/{self.client}/{self.round}"
+    def _after(self) -> tuple[str, ...]:
+        return (self.client, str(self.round))
 
     @classmethod
-    def parse(cls, topic: str) -> UploadTopic:
-        client, round_seg = _segments(topic, "up", 2)
-        return cls(topic.split("/")[2], validate_id(client, "client"), _parse_round(round_seg))
-
-
-@dataclass(frozen=True, slots=True)
-class _ClientTopic:
-    """Shared shape of ``fstq/v1/<fleet>/<family>/<client>`` topics."""
-
-    family: ClassVar[str] = ""
-    fleet: str
-    client: str
-
-    def __post_init__(self) -> None:
-        validate_id(self.fleet, "fleet")
-        validate_id(self.client, "client")
-
-    def __str__(self) -> str:
-        return f"{PREFIX}/{self.fleet}/{self.family}/{self.client}"
-
-    @classmethod
-    def _parse(cls, topic: str) -> tuple[str, str]:
-        (client,) = _segments(topic, cls.family, 1)
-        return topic.split("/")[2], validate_id(client, "client")
+    def _parse(cls, topic: str) -> Self:
+        fleet, client, round_seg = _segments(topic, cls.family, 2)
+        return cls(fleet, client, _parse_round(round_seg))
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,20 +193,12 @@ class AckTopic(_ClientTopic):
 
     family: ClassVar[str] = "ack"
 
-    @classmethod
-    def parse(cls, topic: str) -> AckTopic:
-        return cls(*cls._parse(topic))
-
 
 @dataclass(frozen=True, slots=True)
 class FetchTopic(_ClientTopic):
     """``fstq/v1/<fleet>/fetch/<client>`` (FetchRequest from one device)."""
 
     family: ClassVar[str] = "fetch"
-
-    @classmethod
-    def parse(cls, topic: str) -> FetchTopic:
-        return cls(*cls._parse(topic))
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,20 +207,12 @@ class DownTopic(_ClientTopic):
 
     family: ClassVar[str] = "down"
 
-    @classmethod
-    def parse(cls, topic: str) -> DownTopic:
-        return cls(*cls._parse(topic))
-
 
 @dataclass(frozen=True, slots=True)
 class StatusTopic(_ClientTopic):
     """``fstq/v1/<fleet>/status/<client>`` (ClientStatus heartbeat and will)."""
 
     family: ClassVar[str] = "status"
-
-    @classmethod
-    def parse(cls, topic: str) -> StatusTopic:
-        return cls(*cls._parse(topic))
 
 
 Topic = (
@@ -267,16 +225,17 @@ Topic = (
     | StatusTopic
     | ProgressTopic
 )
+_T = TypeVar("_T", bound=Topic)
 
 _PARSERS: dict[str, Callable[[str], Topic]] = {
-    "round": RoundTopic.parse,
-    "global": GlobalManifestTopic.parse,
-    "up": UploadTopic.parse,
-    "ack": AckTopic.parse,
-    "fetch": FetchTopic.parse,
-    "down": DownTopic.parse,
-    "status": StatusTopic.parse,
-    "progress": ProgressTopic.parse,
+    RoundTopic.family: RoundTopic._parse,
+    GlobalManifestTopic.family: GlobalManifestTopic._parse,
+    UploadTopic.family: UploadTopic._parse,
+    AckTopic.family: AckTopic._parse,
+    FetchTopic.family: FetchTopic._parse,
+    DownTopic.family: DownTopic._parse,
+    StatusTopic.family: StatusTopic._parse,
+    ProgressTopic.family: ProgressTopic._parse,
 }
 
 
@@ -315,39 +274,7 @@ def progress_topic(fleet: str) -> str:
     return str(ProgressTopic(fleet))
 
 
-# -- parsers (one per family, plus a dispatcher) ---------------------------------------------
-
-
-def parse_round_topic(topic: str) -> RoundTopic:
-    return RoundTopic.parse(topic)
-
-
-def parse_upload_topic(topic: str) -> UploadTopic:
-    return UploadTopic.parse(topic)
-
-
-def parse_ack_topic(topic: str) -> AckTopic:
-    return AckTopic.parse(topic)
-
-
-def parse_global_manifest_topic(topic: str) -> GlobalManifestTopic:
-    return GlobalManifestTopic.parse(topic)
-
-
-def parse_fetch_topic(topic: str) -> FetchTopic:
-    return FetchTopic.parse(topic)
-
-
-def parse_down_topic(topic: str) -> DownTopic:
-    return DownTopic.parse(topic)
-
-
-def parse_status_topic(topic: str) -> StatusTopic:
-    return StatusTopic.parse(topic)
-
-
-def parse_progress_topic(topic: str) -> ProgressTopic:
-    return ProgressTopic.parse(topic)
+# -- parsing ---------------------------------------------------------------------------------
 
 
 def parse_topic(topic: str) -> Topic:
@@ -357,6 +284,19 @@ def parse_topic(topic: str) -> Topic:
     if parser is None:
         raise TopicError(f"not a {PREFIX} topic: {topic!r}")
     return parser(topic)
+
+
+def topic_as(topic: str, kind: type[_T]) -> _T | None:
+    """``topic`` parsed if it is a valid topic of family ``kind`` (e.g. ``UploadTopic``), else None.
+
+    For code that only asks "is this an upload?"; code that rejects bad topics wants
+    :func:`parse_topic` and its :class:`TopicError` (reason and detail).
+    """
+    try:
+        parsed = parse_topic(topic)
+    except TopicError:
+        return None
+    return parsed if isinstance(parsed, kind) else None
 
 
 # -- subscription filters ----------------------------------------------------------------------
@@ -373,16 +313,6 @@ def fetch_filter(fleet: str) -> str:
 
 def status_filter(fleet: str) -> str:
     return f"{PREFIX}/{validate_id(fleet, 'fleet')}/status/+"
-
-
-def ack_filter(fleet: str) -> str:
-    """All acknowledgements of a fleet (monitoring only; devices subscribe to their own)."""
-    return f"{PREFIX}/{validate_id(fleet, 'fleet')}/ack/+"
-
-
-def down_filter(fleet: str) -> str:
-    """All downlink chunks of a fleet (monitoring only; devices subscribe to their own)."""
-    return f"{PREFIX}/{validate_id(fleet, 'fleet')}/down/+"
 
 
 def aggregator_filters(fleet: str) -> tuple[str, str, str]:
@@ -411,14 +341,6 @@ def observer_filters(fleet: str) -> tuple[str, str, str, str]:
         progress_topic(fleet),
         status_filter(fleet),
     )
-
-
-def shared(group: str, topic_filter: str) -> str:
-    """``$share/<group>/<filter>``: one member of ``group`` receives each message.
-
-    Careful: round-robin dispatch scatters one device's chunks over replicas; see README.
-    """
-    return f"$share/{validate_id(group, 'share group')}/{topic_filter}"
 
 
 def topic_matches(topic_filter: str, topic: str) -> bool:

@@ -3,6 +3,11 @@
 ``Transport`` is what round logic should depend on; :class:`broker.mqtt.MqttClient` (real
 broker) and :class:`broker.memory.MemoryClient` (in-process fake) both implement it and pass
 the same contract suite (``tests/broker/test_broker_transport_contract.py``).
+
+Implementations subclass ``Transport`` and write :meth:`Transport.send` (one outgoing
+:class:`Message`); ``publish``/``publish_wait``, ``messages`` and the context manager are
+written once here. Wrappers that watch or shape traffic subclass :class:`DelegatingTransport`
+and override ``send``/``receive``.
 """
 
 from __future__ import annotations
@@ -11,9 +16,10 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Protocol, Self
+from typing import Protocol, Self, TypedDict, Unpack
 
 from broker.errors import ClientClosedError, PublishRejectedError, PublishTimeoutError
+from broker.framing import publish_size
 
 __all__ = [
     "ClientStats",
@@ -21,7 +27,7 @@ __all__ = [
     "DelegatingTransport",
     "Message",
     "PublishHandle",
-    "PublishWaitMixin",
+    "PublishOptions",
     "Transport",
     "Will",
 ]
@@ -29,7 +35,7 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """One received PUBLISH."""
+    """One PUBLISH, received or to send (built by :meth:`Transport.publish`)."""
 
     topic: str
     payload: bytes
@@ -39,6 +45,14 @@ class Message:
     user_properties: tuple[tuple[str, str], ...] = ()
     #: Remaining Message Expiry Interval in seconds, if the publisher set one.
     expiry_s: int | None = None
+
+    @property
+    def wire_size(self) -> int:
+        """Bytes of the MQTT 5 PUBLISH packet carrying this message (as its publisher sent it)."""
+        return publish_size(
+            self.topic, self.payload, self.qos,
+            expiry_s=self.expiry_s, user_properties=self.user_properties,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,39 +129,13 @@ class ClientStats:
     last_disconnect: str = ""
 
 
-class PublishWaitMixin:
-    """``publish_wait`` in terms of ``publish``: one implementation for every Transport."""
+class PublishOptions(TypedDict, total=False):
+    """The keyword options of :meth:`Transport.publish`, for wrappers that pass them on."""
 
-    def publish(
-        self,
-        topic: str,
-        payload: bytes,
-        *,
-        qos: int = 1,
-        retain: bool = False,
-        expiry_s: int | None = None,
-        user_properties: Sequence[tuple[str, str]] = (),
-    ) -> PublishHandle:
-        raise NotImplementedError
-
-    def publish_wait(
-        self,
-        topic: str,
-        payload: bytes,
-        *,
-        timeout: float = 30.0,
-        qos: int = 1,
-        retain: bool = False,
-        expiry_s: int | None = None,
-        user_properties: Sequence[tuple[str, str]] = (),
-    ) -> PublishHandle:
-        """Publish and wait for the PUBACK (typed error on failure code or timeout)."""
-        handle = self.publish(
-            topic, payload, qos=qos, retain=retain, expiry_s=expiry_s,
-            user_properties=user_properties,
-        )  # fmt: skip
-        handle.wait(timeout)
-        return handle
+    qos: int
+    retain: bool
+    expiry_s: int | None
+    user_properties: Sequence[tuple[str, str]]
 
 
 class Transport(Protocol):
@@ -156,11 +144,14 @@ class Transport(Protocol):
     @property
     def is_connected(self) -> bool: ...
 
-    def __enter__(self) -> Self: ...
+    def __enter__(self) -> Self:
+        self.connect()
+        return self
 
     def __exit__(
         self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None: ...
+    ) -> None:
+        self.close()
 
     def connect(self, timeout: float | None = 10.0) -> None: ...
 
@@ -168,6 +159,10 @@ class Transport(Protocol):
 
     def abort(self) -> None:
         """Drop the connection without DISCONNECT, as a crash would (the will fires)."""
+        ...
+
+    def send(self, message: Message) -> PublishHandle:
+        """Queue one PUBLISH (what every implementation writes; callers use :meth:`publish`)."""
         ...
 
     def publish(
@@ -179,7 +174,10 @@ class Transport(Protocol):
         retain: bool = False,
         expiry_s: int | None = None,
         user_properties: Sequence[tuple[str, str]] = (),
-    ) -> PublishHandle: ...
+    ) -> PublishHandle:
+        """Queue a PUBLISH (``expiry_s``: MQTT 5 Message Expiry Interval)."""
+        msg = Message(topic, bytes(payload), qos, retain, tuple(user_properties), expiry_s)
+        return self.send(msg)
 
     def publish_wait(
         self,
@@ -187,11 +185,12 @@ class Transport(Protocol):
         payload: bytes,
         *,
         timeout: float = 30.0,
-        qos: int = 1,
-        retain: bool = False,
-        expiry_s: int | None = None,
-        user_properties: Sequence[tuple[str, str]] = (),
-    ) -> PublishHandle: ...
+        **options: Unpack[PublishOptions],
+    ) -> PublishHandle:
+        """Publish and wait for the PUBACK (typed error on failure code or timeout)."""
+        handle = self.publish(topic, payload, **options)
+        handle.wait(timeout)
+        return handle
 
     def subscribe(
         self, topic_filter: str, qos: int = 1, *, timeout: float | None = 10.0
@@ -201,10 +200,13 @@ class Transport(Protocol):
 
     def receive(self, timeout: float | None = None) -> Message | None: ...
 
-    def messages(self, idle_timeout: float | None = None) -> Iterator[Message]: ...
+    def messages(self, idle_timeout: float | None = None) -> Iterator[Message]:
+        """Received messages until ``idle_timeout`` s pass without one, or close."""
+        while (msg := self.receive(idle_timeout)) is not None:
+            yield msg
 
 
-class DelegatingTransport(PublishWaitMixin):
+class DelegatingTransport(Transport):
     """A ``Transport`` forwarding everything to another; subclasses intercept what they watch.
 
     Used to observe or shape what a service sends and receives without touching the service
@@ -218,15 +220,6 @@ class DelegatingTransport(PublishWaitMixin):
     def is_connected(self) -> bool:
         return self.inner.is_connected
 
-    def __enter__(self) -> Self:
-        self.connect()
-        return self
-
-    def __exit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
     def connect(self, timeout: float | None = 10.0) -> None:
         self.inner.connect(timeout)
 
@@ -236,20 +229,8 @@ class DelegatingTransport(PublishWaitMixin):
     def abort(self) -> None:
         self.inner.abort()
 
-    def publish(
-        self,
-        topic: str,
-        payload: bytes,
-        *,
-        qos: int = 1,
-        retain: bool = False,
-        expiry_s: int | None = None,
-        user_properties: Sequence[tuple[str, str]] = (),
-    ) -> PublishHandle:
-        return self.inner.publish(
-            topic, payload, qos=qos, retain=retain, expiry_s=expiry_s,
-            user_properties=user_properties,
-        )  # fmt: skip
+    def send(self, message: Message) -> PublishHandle:
+        return self.inner.send(message)
 
     def subscribe(self, topic_filter: str, qos: int = 1, *, timeout: float | None = 10.0) -> None:
         self.inner.subscribe(topic_filter, qos, timeout=timeout)
@@ -259,7 +240,3 @@ class DelegatingTransport(PublishWaitMixin):
 
     def receive(self, timeout: float | None = None) -> Message | None:
         return self.inner.receive(timeout)
-
-    def messages(self, idle_timeout: float | None = None) -> Iterator[Message]:
-        while (msg := self.receive(idle_timeout)) is not None:
-            yield msg

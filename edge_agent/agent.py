@@ -1,5 +1,20 @@
 """The edge agent's round loop (docs/architecture.md, "Edge agent").
 
+A round is a sequence of steps, each a call into the module that holds it:
+
+1. fetch: :meth:`EdgeAgent._advance_round` has ``downloader.GlobalFetcher`` fetch and verify
+   the announced global adapter;
+2. train: :meth:`EdgeAgent._run_round` has ``local_model.LocalModel`` build the LoRA the
+   adapter's metadata names and ``trainer.LocalTrainer`` train the local steps;
+3. compress: the trainer hands the delta and Fisher to the compressor
+   (``compression.py``: compressor, byte budget);
+4. outbox: ``Uploader.store`` writes the upload (fsync'd) under a new upload id;
+5. upload: ``Uploader.start`` publishes the manifest and chunks;
+6. ack: ``Uploader.on_ack`` drives the upload to a final state, then
+   :meth:`EdgeAgent._on_upload_finished` records the round.
+
+What observers see of it (phase, progress, heartbeats) is ``status.StatusReporter``'s.
+
 One thread: paho's network thread only fills the client's receive queue; :meth:`EdgeAgent.run`
 takes messages with a timeout, dispatches them by topic and then runs every timer (heartbeat,
 ack and fetch timeouts, watchdog). Training blocks the loop for its duration; messages queue
@@ -13,13 +28,12 @@ fails fast with its own exit code without touching the broker), subscriptions, `
 from __future__ import annotations
 
 import logging
-import math
 import random
 import threading
 import time
 from collections.abc import Callable
 
-from broker.codec import decode, encode
+from broker.codec import decode
 from broker.errors import (
     ConnectError,
     ConnectRefusedError,
@@ -30,35 +44,34 @@ from broker.errors import (
 )
 from broker.messages import (
     ClientState,
-    ClientStatus,
     GlobalChunk,
     GlobalManifest,
     RoundAnnouncement,
-    Scalar,
     UploadAck,
     chunk_count_for,
 )
-from broker.progress import CAUSE_KEY, DeviceProgress, OfflineCause, Stage
+from broker.progress import DeviceProgress, Stage
 from broker.settings import MqttSettings
 from broker.topics import (
     AckTopic,
     DownTopic,
     GlobalManifestTopic,
     RoundTopic,
-    ack_topic,
     device_filters,
     parse_topic,
-    status_topic,
 )
 from broker.transport import Message, Transport, Will
+from common.exit_codes import ExitCode, for_connect_refusal
+from edge_agent.compression import budget_for
 from edge_agent.device_state import DeviceState
-from edge_agent.downloader import GlobalAdapter, GlobalFetcher
-from edge_agent.exit_codes import ExitCode, for_connect_refusal
+from edge_agent.downloader import GlobalFetcher, HeldAdapter
 from edge_agent.lifecycle import Notifier
 from edge_agent.local_model import LocalModel
 from edge_agent.outbox import Outbox, OutboxError
 from edge_agent.settings import AgentSettings
 from edge_agent.shared_model import SharedBaseModel
+from edge_agent.status import StatusReporter
+from edge_agent.trainer import ComputeTime
 from edge_agent.uploader import Uploader, UploadOutcome
 from fstq.errors import FstqError
 from workload.adapters import AdapterFormatError
@@ -122,12 +135,11 @@ class EdgeAgent:
         self._outbox: Outbox | None = None
         self._uploader: Uploader | None = None
         self._fetcher: GlobalFetcher | None = None
-        self._phase = ClientState.IDLE
-        self._phase_round: int | None = None
-        self._progress: DeviceProgress | None = None  # within the phase, for observers
-        self._progress_due = False  # a change the rate limit held back
-        self._last_status = -math.inf
-        self._next_heartbeat = 0.0
+        self._status = StatusReporter(
+            fleet=self._fleet, client_id=self._me, heartbeat_s=settings.heartbeat_s,
+            progress_s=settings.progress_s, clock=clock, notifier=self._notifier,
+            global_version=self._global_version,
+        )  # fmt: skip
         self._manifest: GlobalManifest | None = None
         self._announcement: RoundAnnouncement | None = None
         self._latest_round = -1
@@ -141,6 +153,9 @@ class EdgeAgent:
         self.rounds_finished = 0
         #: Every upload finished by this instance, in order.
         self.reports: list[UploadOutcome] = []
+        #: What each round this instance trained took to train and compress, by round. Kept
+        #: here, not on the wire: the evaluation's fleet runner reads it for its round times.
+        self.compute_times: dict[int, ComputeTime] = {}
 
     @property
     def rounds_given_up(self) -> frozenset[int]:
@@ -150,7 +165,7 @@ class EdgeAgent:
     @property
     def current_round(self) -> int | None:
         """The round the agent is working on (None while idle); for log context."""
-        return self._phase_round
+        return self._status.round_id
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -170,7 +185,7 @@ class EdgeAgent:
             log.error("%s: %s", exc.code.help, exc, extra=self._ctx(None, "start"))
             code = exc.code
         except Exception:
-            log.exception("unexpected error", extra=self._ctx(self._phase_round, "loop"))
+            log.exception("unexpected error", extra=self._ctx(self._status.round_id, "loop"))
             code = ExitCode.UNEXPECTED
         finally:
             self._close()
@@ -203,30 +218,19 @@ class EdgeAgent:
             ack_timeout_s=s.ack_timeout_s, settle_s=s.ack_settle_s,
             expiry_grace_s=s.expiry_grace_s, on_finished=self._on_upload_finished,
         )  # fmt: skip
-        self._set_phase(ClientState.ONLINE, None)
+        self._status.set_phase(ClientState.ONLINE, None)
         self._notifier.ready()
         if pending:
-            # Acks our persistent session kept for the previous process (a killed process never
-            # PUBACKed them) arrived with the session, before the SUBACKs: they cannot answer the
-            # status query the resume sends. Taken for its reply, a stale `receiving` with an
-            # empty bitmap would make every chunk go out again, so they are dropped; the rest of
-            # what arrived is handled after the resume, as before.
-            early = list(iter(lambda: client.receive(timeout=0), None))
-            self._set_phase(ClientState.UPLOADING, pending[0].round_id)
-            self._uploader.resume(pending, self._clock())
-            for msg in early:
-                if msg.topic != ack_topic(self._fleet, self._me):
-                    self._dispatch(msg)
+            self._status.set_phase(ClientState.UPLOADING, pending[0].round_id)
+            # What arrived with the session is handled after the resume (the uploader drops
+            # the acks meant for the previous process).
+            for msg in self._uploader.resume(pending, self._clock()):
+                self._dispatch(msg)
 
     def _connect(self) -> None:
         s = self.settings
-        will = Will(
-            status_topic(self._fleet, self._me),
-            encode(self._status(ClientState.OFFLINE, None, OfflineCause.LINK_LOST)),
-            retain=True,
-            delay_s=s.will_delay_s,
-        )
-        client = self._client = self._make_transport(s.mqtt, will)
+        client = self._client = self._make_transport(s.mqtt, self._status.will(s.will_delay_s))
+        self._status.client = client
         try:
             client.connect(timeout=s.broker_wait_s)
             for topic_filter in device_filters(self._fleet, self._me):
@@ -246,17 +250,12 @@ class EdgeAgent:
 
     def _close(self) -> None:
         self._notifier.stopping()
-        client, self._client = self._client, None
+        client, self._client, self._status.client = self._client, None, None
         if client is None:
             return
         if client.is_connected:  # else the will says it, after its delay
             try:
-                client.publish_wait(
-                    status_topic(self._fleet, self._me),
-                    encode(self._status(ClientState.OFFLINE, None, OfflineCause.STOPPED)),
-                    retain=True,
-                    timeout=5.0,
-                )
+                self._status.publish_stopped(client)
             except TransportError as exc:
                 log.warning("could not publish offline status: %s", exc)
         client.close()
@@ -281,22 +280,24 @@ class EdgeAgent:
 
     def _poll_timeout(self) -> float:
         assert self._uploader is not None and self._fetcher is not None
-        timers = [self._next_heartbeat, self._uploader.next_timer(), self._fetcher.next_timer()]
+        timers = [
+            self._status.next_heartbeat,
+            self._uploader.next_timer(),
+            self._fetcher.next_timer(),
+        ]
         soonest = min(t for t in timers if t is not None)
         return min(_MAX_POLL_S, max(0.0, soonest - self._clock()))
 
     def _timers(self, now: float) -> None:
         assert self._uploader is not None and self._fetcher is not None
-        if now >= self._next_heartbeat:
-            self._publish_status(now)
+        self._status.heartbeat(now)
         self._uploader.tick(now)
         self._fetcher.tick(now)
-        if self._phase is ClientState.UPLOADING:
-            self._report(self._uploader.progress(), now)
-        elif self._phase is ClientState.DOWNLOADING:
-            self._report(self._fetcher.progress(), now)
-        if self._progress_due and now - self._last_status >= self.settings.progress_s:
-            self._publish_status(now)
+        if self._status.phase is ClientState.UPLOADING:
+            self._status.report(self._uploader.progress(), now)
+        elif self._status.phase is ClientState.DOWNLOADING:
+            self._status.report(self._fetcher.progress(), now)
+        self._status.flush(now)
         self._notifier.watchdog()
 
     def _dispatch(self, msg: Message) -> None:
@@ -315,7 +316,7 @@ class EdgeAgent:
             elif isinstance(topic, DownTopic) and topic.client == self._me:
                 adapter = self._fetcher.on_chunk(decode(msg.payload, expect=GlobalChunk), now)
                 if adapter is not None:
-                    self._set_phase(ClientState.IDLE, self._phase_round)
+                    self._status.set_phase(ClientState.IDLE, self._status.round_id)
             else:
                 log.debug("ignoring message on %s", msg.topic)
         except (TopicError, WireError) as exc:
@@ -366,7 +367,7 @@ class EdgeAgent:
             self._fetch_global(ann, now)
             return
         self._announcement = None
-        self._train_and_upload(ann, current)
+        self._run_round(ann, current)
 
     def _fetch_global(self, ann: RoundAnnouncement, now: float) -> None:
         assert self._fetcher is not None
@@ -379,34 +380,41 @@ class EdgeAgent:
         starting = self._fetcher.downloading != m.version
         self._fetcher.want(m, now)
         if starting:
-            self._set_phase(ClientState.DOWNLOADING, ann.round, self._fetcher.progress())
+            self._status.set_phase(ClientState.DOWNLOADING, ann.round, self._fetcher.progress())
 
-    def _train_and_upload(self, ann: RoundAnnouncement, current: GlobalAdapter) -> None:
-        assert self._outbox is not None and self._uploader is not None
+    def _run_round(self, ann: RoundAnnouncement, current: HeldAdapter) -> None:
+        """Round ``ann`` from its fetched and verified global adapter: train and compress, store
+        the upload in the outbox, publish it. Its ack comes later (:meth:`_on_upload_finished`).
+        """
+        assert self._uploader is not None
         r = ann.round
         steps = self.settings.training.steps
-        self._set_phase(ClientState.TRAINING, r, DeviceProgress(Stage.TRAINING, 0, steps))
+        self._status.set_phase(ClientState.TRAINING, r, DeviceProgress(Stage.TRAINING, 0, steps))
         try:
-            entry, result = self._model.run_round(
-                current, ann, created_at=self._clock(), progress=self._on_training
-            )
+            global_state = self._model.load_global(current)  # peft model from its LoRA metadata
+            budget = budget_for(self.settings, ann, sum(t.numel() for t in global_state.values()))
+            result = self._model.train(global_state, budget, r, progress=self._status.on_training)
         except (ValueError, FstqError, AdapterFormatError, ModelLoadError) as exc:
-            # FstqError covers an unmeetable budget and a global adapter that does not fit the
-            # model; neither improves by retrying this round, so it is given up.
+            # ValueError covers bad LoRA metadata (LoraMetadataError); FstqError an unmeetable
+            # budget and a global adapter that does not fit the model. None of them improves by
+            # retrying this round, so it is given up.
             log.error("round %d: cannot train: %s", r, exc, extra=self._ctx(r, "training"))
             self._given_up.add(r)
-            self._set_phase(ClientState.ERROR, r)
+            self._status.set_phase(ClientState.ERROR, r)
             return
         self.rounds_trained += 1
-        payload = result.update.payload
-        self._outbox.put(entry, payload)  # durable before the first byte is published
+        self.compute_times[r] = result.compute
+        entry = self._uploader.store(
+            ann, base_version=current.version, result=result, now=self._clock()
+        )
+        # After the outbox: a crash before it retrains the round from the state it started with.
         self._model.save_state(result)
         if self._stop.is_set():
             log.info("stopping: upload of round %d stays in the outbox", r)
             return
         chunks = chunk_count_for(entry.size, entry.chunk_size)
-        self._set_phase(ClientState.UPLOADING, r, DeviceProgress(Stage.UPLOADING, 0, chunks))
-        self._uploader.start(entry, payload, self._clock())
+        self._status.set_phase(ClientState.UPLOADING, r, DeviceProgress(Stage.UPLOADING, 0, chunks))
+        self._uploader.start(entry, result.update.payload, self._clock())
 
     def _on_upload_finished(self, outcome: UploadOutcome) -> None:
         assert self._outbox is not None
@@ -423,72 +431,12 @@ class EdgeAgent:
             }
         )
         self._outbox.prune(keep_round_from=r)
-        self._set_phase(ClientState.IDLE, None)
+        self._status.set_phase(ClientState.IDLE, None)
 
-    # -- status ------------------------------------------------------------------------------
-
-    def _status(
-        self, state: ClientState, round_id: int | None, cause: OfflineCause | None = None
-    ) -> ClientStatus:
+    def _global_version(self) -> int | None:
+        """The version of the global adapter the device holds, for its status."""
         current = self._fetcher.current if self._fetcher is not None else None
-        info: dict[str, Scalar] = {}
-        if current is not None:
-            info["global_version"] = current.version
-        if cause is not None:
-            info[CAUSE_KEY] = cause.value
-        elif self._progress is not None:
-            info.update(self._progress.to_info())
-        return ClientStatus(
-            client=self._me, state=state, timestamp=self._clock(), round=round_id, info=info
-        )
-
-    def _set_phase(
-        self, state: ClientState, round_id: int | None, progress: DeviceProgress | None = None
-    ) -> None:
-        changed = (state, round_id) != (self._phase, self._phase_round)
-        self._phase, self._phase_round = state, round_id
-        if changed:
-            self._progress = progress
-            where = f"round {round_id}" if round_id is not None else "no round"
-            self._notifier.status(f"{where}: {state.value}")
-            self._publish_status(self._clock())
-
-    def _report(self, progress: DeviceProgress | None, now: float) -> None:
-        """Progress within the phase: a new stage goes out at once, the rest rate-limited."""
-        old = self._progress
-        if progress is None or progress == old:
-            return
-        self._progress = progress
-        interval = self.settings.progress_s
-        if old is None or progress.stage != old.stage or now - self._last_status >= interval > 0:
-            self._publish_status(now)
-        else:
-            self._progress_due = interval > 0
-
-    def _on_training(self, progress: DeviceProgress) -> None:
-        """Called between training steps, which block the loop: progress and any heartbeat due."""
-        now = self._clock()
-        self._report(progress, now)
-        if now >= self._next_heartbeat:
-            self._publish_status(now)
-
-    def _publish_status(self, now: float) -> None:
-        """Phase, progress and heartbeat, retained: an observer that connects later (and the
-        aggregator after a restart) gets the last one, whatever its age (its timestamp says).
-
-        No expiry: a retained copy must outlast a long training step. The aggregator takes
-        statuses at QoS 0, so none queue up for it while it is away."""
-        client = self._client
-        if client is None:
-            return
-        client.publish(
-            status_topic(self._fleet, self._me),
-            encode(self._status(self._phase, self._phase_round)),
-            qos=1,
-            retain=True,
-        )
-        self._last_status, self._progress_due = now, False
-        self._next_heartbeat = now + self.settings.heartbeat_s
+        return None if current is None else current.version
 
     # -- logging -----------------------------------------------------------------------------
 

@@ -7,9 +7,9 @@ The only place that reads the TOML file and the process environment (``FEDFSTQ_A
 configured by the caller (``fedfstq.cli``); the only global state touched here is the SIGTERM/SIGINT
 handlers, for the duration of :func:`main`.
 
-Precedence: ``FEDFSTQ_AGENT_*`` variables beat the TOML file (AgentSettings' rule). A flag also
-beats the file; a flag *and* the variable for the same setting is refused as ambiguous rather
-than one silently winning.
+Precedence is the services' one rule (:mod:`common.settings`): ``FEDFSTQ_AGENT_*`` variables
+beat the TOML file, a flag beats the file, and a flag *and* the variable for the same setting is
+refused as ambiguous rather than one silently winning.
 """
 
 from __future__ import annotations
@@ -22,18 +22,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
 from broker.errors import ConnectError, ConnectRefusedError
-from broker.log_context import LogContext, log_context
-from broker.settings import ConfigError, read_toml
+from common.exit_codes import ExitCode, for_connect_refusal
+from common.log_context import LogContext, log_context
+from common.settings import ConfigError, overrides
+from common.signals import stop_signals
 from edge_agent.arguments import add_arguments
-from edge_agent.exit_codes import ExitCode, for_connect_refusal
-from edge_agent.lifecycle import (
-    Notifier,
-    stop_signals,
-    watchdog_interval,
-)
+from edge_agent.lifecycle import Notifier, watchdog_interval
 from edge_agent.settings import AgentSettings
 from workload.data import DataError, read_jsonl
 from workload.models import SMOLLM2, TINY, ModelLoadError, smollm2_package_dir
@@ -41,8 +36,6 @@ from workload.models import SMOLLM2, TINY, ModelLoadError, smollm2_package_dir
 __all__ = ["ConfigError", "add_arguments", "check_config", "load_settings", "main"]
 
 log = logging.getLogger(__name__)
-
-ENV_PREFIX = "FEDFSTQ_AGENT_"
 
 #: flag dest -> settings path (nested tables as tuples); the env variable follows from it.
 _OVERRIDES: dict[str, tuple[str, ...]] = {
@@ -57,37 +50,16 @@ _OVERRIDES: dict[str, tuple[str, ...]] = {
 }
 
 
-def _env_name(path: tuple[str, ...]) -> str:
-    return ENV_PREFIX + "__".join(path).upper()
-
-
 def load_settings(
-    config: Path | None, overrides: Mapping[str, Any], environ: Mapping[str, str]
+    config: Path | None, flags: Mapping[str, Any], environ: Mapping[str, str]
 ) -> AgentSettings:
-    """Build the settings once: TOML tables, then flags, with ``FEDFSTQ_AGENT_*`` on top.
+    """Build the settings once (:meth:`common.settings.ServiceSettings.load`).
 
-    ``overrides`` maps flag dests (see ``_OVERRIDES``) to values; None means "not given".
+    ``flags`` maps flag dests (see ``_OVERRIDES``) to values; None means "not given".
     Raises :class:`ConfigError` with every problem in one message.
     """
-    data = read_toml(config)
-    for dest, value in overrides.items():
-        if value is None:
-            continue
-        path = _OVERRIDES[dest]
-        env = _env_name(path)
-        if env in environ:
-            flag = "--" + dest.replace("_", "-")
-            raise ConfigError(f"{flag} and {env} are both set; use one")
-        table = data
-        for key in path[:-1]:
-            table = table.setdefault(key, {})
-            if not isinstance(table, dict):
-                raise ConfigError(f"[{key}] in the config file must be a table")
-        table[path[-1]] = value
-    try:
-        return AgentSettings(**data)
-    except ValidationError as exc:
-        raise ConfigError.from_validation("agent configuration", exc) from None
+    given = overrides(_OVERRIDES, flags)
+    return AgentSettings.load(config, given, environ, what="agent configuration")
 
 
 def _check_model(source: str) -> None:

@@ -1,14 +1,13 @@
 """Device state that outlives a round: token-score table, error-feedback residual, progress.
 
-Written atomically (temp file + rename) so a crash mid-write keeps the previous version.
+Written atomically and durably (:mod:`common.atomic`) so a crash mid-write keeps the previous
+version.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,22 +15,13 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.numpy import load_file as np_load_file
-from safetensors.numpy import save_file as np_save_file
+from safetensors.numpy import save as np_save
 from safetensors.torch import load_file as torch_load_file
-from safetensors.torch import save_file as torch_save_file
+from safetensors.torch import save as torch_save
+
+from common import atomic
 
 __all__ = ["DeviceState"]
-
-
-def _atomic(path: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 class DeviceState:
@@ -55,7 +45,7 @@ class DeviceState:
     def save_token_scores(self, arrays: Mapping[str, np.ndarray]) -> None:
         path = self.root / "token_scores.safetensors"
         data = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
-        _atomic(path, lambda tmp: np_save_file(data, tmp))
+        atomic.write_bytes(path, np_save(data))
 
     # error-feedback residual ----------------------------------------------------------------
     def load_residual(self) -> dict[str, torch.Tensor] | None:
@@ -70,7 +60,7 @@ class DeviceState:
             path.unlink(missing_ok=True)
             return
         tensors = {k: v.detach().contiguous() for k, v in residual.items()}
-        _atomic(path, lambda tmp: torch_save_file(tensors, tmp))
+        atomic.write_bytes(path, torch_save(tensors))
 
     # global adapter cache -------------------------------------------------------------------
     def load_global(self) -> tuple[dict[str, Any], bytes] | None:
@@ -86,8 +76,8 @@ class DeviceState:
 
     def save_global(self, meta: Mapping[str, Any], payload: bytes) -> None:
         """Cache the current global adapter; `meta["sha256"]` (hex) is checked on load."""
-        _atomic(self.root / "global.safetensors", lambda tmp: Path(tmp).write_bytes(payload))
-        _atomic(self.root / "global.json", lambda tmp: Path(tmp).write_text(json.dumps(dict(meta))))
+        atomic.write_bytes(self.root / "global.safetensors", payload)
+        atomic.write_text(self.root / "global.json", json.dumps(dict(meta)))
 
     # progress -------------------------------------------------------------------------------
     def load_progress(self) -> dict[str, Any]:
@@ -99,9 +89,4 @@ class DeviceState:
         return data if isinstance(data, dict) else {}
 
     def save_progress(self, progress: Mapping[str, Any]) -> None:
-        path = self.root / "progress.json"
-
-        def write(tmp: str) -> None:
-            Path(tmp).write_text(json.dumps(dict(progress)))
-
-        _atomic(path, write)
+        atomic.write_text(self.root / "progress.json", json.dumps(dict(progress)))

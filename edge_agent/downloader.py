@@ -25,13 +25,13 @@ from broker.topics import fetch_topic
 from broker.transport import Transport
 from edge_agent.device_state import DeviceState
 
-__all__ = ["GlobalAdapter", "GlobalFetcher"]
+__all__ = ["GlobalFetcher", "HeldAdapter"]
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class GlobalAdapter:
+class HeldAdapter:
     """A verified global adapter: safetensors bytes plus what its manifest said about them."""
 
     version: int
@@ -51,7 +51,7 @@ class GlobalAdapter:
         }
 
     @classmethod
-    def from_cache(cls, meta: dict[str, Any], payload: bytes) -> GlobalAdapter:
+    def from_cache(cls, meta: dict[str, Any], payload: bytes) -> HeldAdapter:
         return cls(
             version=int(meta["version"]),
             round=int(meta["round"]),
@@ -87,14 +87,14 @@ class GlobalFetcher:
         #: A manifest whose download failed for good (limits, SHA-256): not retried as such.
         self._refused: GlobalManifest | None = None
         self.requests_sent = 0
-        self.current: GlobalAdapter | None = self._load_cache()
+        self.current: HeldAdapter | None = self._load_cache()
 
-    def _load_cache(self) -> GlobalAdapter | None:
+    def _load_cache(self) -> HeldAdapter | None:
         cached = self._state.load_global()
         if cached is None:
             return None
         try:
-            return GlobalAdapter.from_cache(*cached)
+            return HeldAdapter.from_cache(*cached)
         except (KeyError, TypeError, ValueError) as exc:
             log.warning("ignoring unreadable global adapter cache: %s", exc)
             return None
@@ -136,7 +136,7 @@ class GlobalFetcher:
         )
         self._request(now)
 
-    def on_chunk(self, chunk: GlobalChunk, now: float) -> GlobalAdapter | None:
+    def on_chunk(self, chunk: GlobalChunk, now: float) -> HeldAdapter | None:
         """Store a chunk; returns the adapter when this chunk completed and verified it."""
         download = self._download
         if download is None:
@@ -184,7 +184,7 @@ class GlobalFetcher:
         self._client.publish(self._topic, encode(request), qos=1, expiry_s=expiry)
         self.requests_sent += 1
 
-    def _finish(self, download: Download) -> GlobalAdapter | None:
+    def _finish(self, download: Download) -> HeldAdapter | None:
         self._download, self._outstanding = None, set()
         m = download.manifest
         try:
@@ -193,7 +193,7 @@ class GlobalFetcher:
             log.error("global v%d failed verification: %s", m.version, exc, extra=self._ctx())
             self._refused = m
             return None
-        adapter = GlobalAdapter(m.version, m.round, m.sha256, m.format, payload, dict(m.metadata))
+        adapter = HeldAdapter(m.version, m.round, m.sha256, m.format, payload, dict(m.metadata))
         self._state.save_global(adapter.cache_meta(), payload)
         self.current = adapter
         log.info("global adapter v%d verified and cached", m.version, extra=self._ctx())

@@ -1,4 +1,4 @@
-"""Process lifecycle: stop signals and systemd's notify protocol (``sd_notify``).
+"""systemd's notify protocol (``sd_notify``); the stop signals are :mod:`common.signals`.
 
 Nothing here reads the environment: the entry point passes ``$NOTIFY_SOCKET`` and the watchdog
 interval in, so tests (and non-systemd runs) construct a :class:`Notifier` explicitly.
@@ -6,27 +6,14 @@ interval in, so tests (and non-systemd runs) construct a :class:`Notifier` expli
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import signal
 import socket
-import threading
 import time
-from collections.abc import Callable, Iterator
-from types import FrameType
+from collections.abc import Callable
 
-__all__ = [
-    "Notifier",
-    "notify",
-    "stop_handler",
-    "stop_signals",
-    "watchdog_interval",
-]
+__all__ = ["Notifier", "notify", "watchdog_interval"]
 
 log = logging.getLogger(__name__)
-
-#: The signals that stop the agent (systemd sends SIGTERM; Ctrl-C sends SIGINT).
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def notify(state: str, socket_path: str | None) -> bool:
@@ -103,25 +90,3 @@ class Notifier:
             return False
         self._last_ping = now
         return self.notify("WATCHDOG=1")
-
-
-def stop_handler(stop: threading.Event) -> Callable[[int, FrameType | None], None]:
-    """The signal handler: it only sets ``stop``; the main loop does the actual shutdown."""
-
-    def handle(signum: int, frame: FrameType | None) -> None:
-        log.info("received %s: stopping", signal.Signals(signum).name)
-        stop.set()
-
-    return handle
-
-
-@contextlib.contextmanager
-def stop_signals(stop: threading.Event) -> Iterator[None]:
-    """Route SIGTERM/SIGINT to ``stop`` for the duration of the block (main thread only)."""
-    handler = stop_handler(stop)
-    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)

@@ -1,21 +1,22 @@
 """The on-disk outbox: an upload is written here before its first byte is published.
 
 Each upload is a directory `<outbox>/<upload_id>/` holding `payload.bin` and `meta.json`, written
-to a temporary name and renamed (atomic on POSIX), so a crash leaves either a complete entry or
-none. After a restart of the agent (or the broker) the pending entry is published again from the
-bytes on disk, so nothing is retrained; only chunks the aggregator reports missing are re-sent.
+to a temporary name, fsync'd and renamed (:mod:`common.atomic`), so a crash leaves either a
+complete entry or none. After a restart of the agent (or the broker) the pending entry is
+published again from the bytes on disk, so nothing is retrained; only chunks the aggregator
+reports missing are re-sent.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from common import atomic
 
 __all__ = ["Outbox", "OutboxEntry", "OutboxError"]
 
@@ -59,14 +60,9 @@ class Outbox:
         digest = hashlib.sha256(payload).hexdigest()
         if digest != entry.sha256 or len(payload) != entry.size:
             raise OutboxError(f"upload {entry.upload_id}: payload does not match its hash/size")
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
-        try:
-            _write_synced(tmp / _PAYLOAD, payload)
-            _write_synced(tmp / _META, json.dumps(asdict(entry)).encode())
-            os.replace(tmp, self.root / entry.upload_id)
-            _fsync_dir(self.root)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with atomic.replace_dir(self.root / entry.upload_id) as tmp:
+            (tmp / _PAYLOAD).write_bytes(payload)
+            (tmp / _META).write_text(json.dumps(asdict(entry)))
         return entry
 
     def entries(self) -> list[OutboxEntry]:
@@ -98,9 +94,7 @@ class Outbox:
         d = self.root / upload_id
         entry = self._meta(d)
         updated = {**asdict(entry), "state": state}
-        tmp = d / (_META + ".tmp")
-        _write_synced(tmp, json.dumps(updated).encode())
-        os.replace(tmp, d / _META)
+        atomic.write_text(d / _META, json.dumps(updated))
 
     def prune(self, keep_round_from: int) -> int:
         """Delete finished entries of rounds before `keep_round_from`; returns how many."""
@@ -117,18 +111,3 @@ class Outbox:
             return OutboxEntry(**raw)
         except (OSError, ValueError, TypeError) as exc:
             raise OutboxError(f"outbox entry {d.name} is unreadable: {exc}") from None
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

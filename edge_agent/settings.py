@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from broker.settings import ServiceSettings
+from broker.settings import MqttServiceSettings
 
 __all__ = ["AgentSettings", "CompressionSettings", "TrainingSettings"]
 
@@ -40,7 +40,9 @@ class CompressionSettings(BaseModel):
     budget_mode: Literal["announced", "fixed", "rate"] = "announced"
     budget_bytes: Annotated[int, Field(ge=64)] | None = None
     uplink_rate_bps: Annotated[float, Field(gt=0)] | None = None
-    #: fstq options (FstqConfig); qsgd bits; topk fraction when no budget applies.
+    #: fstq options (FstqConfig); qsgd bits; topk fraction when no budget applies. The defaults
+    #: are FstqConfig's and QsgdCompressor's (not imported: a config error must not load torch;
+    #: tests/edge_agent/test_agent_settings.py holds them equal).
     token_keep_ratio: Annotated[float, Field(gt=0, le=1)] = 0.5
     allocation: Literal["budget", "percentile"] = "budget"
     rounding: Literal["nearest", "stochastic"] = "nearest"
@@ -60,7 +62,7 @@ class CompressionSettings(BaseModel):
         return self
 
 
-class AgentSettings(ServiceSettings):
+class AgentSettings(MqttServiceSettings):
     """Everything an edge agent needs; see deploy/ for an annotated example file."""
 
     model_config = SettingsConfigDict(

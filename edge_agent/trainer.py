@@ -7,6 +7,7 @@ so the same trainer serves the daemon, the demo and the evaluation's fleet runne
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -16,13 +17,13 @@ import numpy as np
 import torch
 
 from broker.progress import DeviceProgress, Stage
-from fstq.compressors import CompressedUpdate, Compressor
+from fstq.compressors import CompressedUpdate, Compressor, compress_round
 from fstq.config import FstqConfig
 from fstq.token_scores import TokenScores
 from fstq.training import FstqTrainingHook, get_adapter_state, set_adapter_state
 from workload.batches import Example, batches
 
-__all__ = ["LocalTrainer", "ProgressCallback", "TrainResult", "TrainSpec"]
+__all__ = ["ComputeTime", "LocalTrainer", "ProgressCallback", "TrainResult", "TrainSpec"]
 
 #: Told after every local step (``training``, steps done, loss) and when compression starts; it
 #: runs in the training thread, so it must be quick (the agent publishes a status from it).
@@ -43,17 +44,36 @@ class TrainSpec:
 
 
 @dataclass(frozen=True)
+class ComputeTime:
+    """What one round's local training and compression took on the device."""
+
+    wall_s: float
+    #: CPU seconds of the process over the same span (all torch threads): unlike wall time it
+    #: does not grow when other work shares the cores, so the evaluation's round time uses it.
+    cpu_s: float
+
+
+@dataclass(frozen=True)
 class TrainResult:
     """One round's output and what it cost."""
 
     update: CompressedUpdate
     sample_count: int
-    compute_s: float  # local training + compression wall time
-    #: CPU seconds of the process over the same span (all torch threads): unlike wall time it
-    #: does not grow when other work shares the cores, so the evaluation's round time uses it.
-    cpu_s: float
+    budget_bytes: int | None  # what the update was compressed to fit (None: no budget)
+    compute: ComputeTime
     train_loss: float  # mean loss over the round's steps
     tokens_kept: float  # share of target tokens kept by the token mask
+
+    def manifest_metadata(self) -> dict[str, float | int]:
+        """What the upload manifest says about the update, for the aggregator's logs.
+
+        Device timings stay off the wire: the evaluation reads them from the agent."""
+        meta: dict[str, float | int] = {"tokens_kept": round(self.tokens_kept, 6)}
+        if math.isfinite(self.train_loss):  # metadata refuses NaN
+            meta["train_loss"] = round(self.train_loss, 6)
+        if self.budget_bytes is not None:
+            meta["budget_bytes"] = self.budget_bytes
+        return meta
 
 
 class LocalTrainer:
@@ -87,7 +107,11 @@ class LocalTrainer:
         rng: np.random.Generator,
         progress: ProgressCallback | None = None,
     ) -> TrainResult:
-        """Load the global adapter, run `spec.steps` local steps, return the compressed delta."""
+        """Load the global adapter, run `spec.steps` local steps, compress the delta.
+
+        The round's Fisher weighs the compression (fstq; the other methods ignore it); the
+        update fits ``budget_bytes`` and folds in ``residual`` (error feedback) if given.
+        """
         report = progress or (lambda _: None)
         start, cpu_start = time.perf_counter(), time.process_time()
         set_adapter_state(self.model, global_state)
@@ -115,10 +139,15 @@ class LocalTrainer:
                 losses.append(float(loss.detach()))
                 report(DeviceProgress(Stage.TRAINING, len(losses), self.spec.steps, losses[-1]))
             stats = hook.stats
-            hook.end_round()
+            delta, fisher = hook.end_round()
             report(DeviceProgress(Stage.COMPRESSING))
-            update = hook.compress(
-                compressor, budget_bytes=budget_bytes, residual=residual, rng=rng
+            update = compress_round(
+                compressor,
+                delta,
+                fisher=fisher,
+                budget_bytes=budget_bytes,
+                residual=residual,
+                rng=rng,
             )
         finally:
             hook.close()
@@ -127,8 +156,8 @@ class LocalTrainer:
         return TrainResult(
             update=update,
             sample_count=len(self.examples),
-            compute_s=time.perf_counter() - start,
-            cpu_s=time.process_time() - cpu_start,
+            budget_bytes=budget_bytes,
+            compute=ComputeTime(time.perf_counter() - start, time.process_time() - cpu_start),
             train_loss=float(np.mean(losses)) if losses else float("nan"),
             tokens_kept=kept,
         )

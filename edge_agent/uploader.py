@@ -1,14 +1,19 @@
-"""The uplink side of the protocol: publish an outbox entry and drive it to a final ack.
+"""The uplink side of the protocol: store an upload in the outbox, publish it, drive it to a
+final ack.
 
-One upload is active at a time; others wait in the outbox. The state machine, per
-docs/architecture.md ("Acks"):
+One upload is active at a time; others wait in the outbox. A new upload gets its id and its
+outbox entry here (:meth:`Uploader.store`), durable before its first byte is published. The
+state machine, per docs/architecture.md ("Acks"):
 
 * a new upload sends its manifest and every chunk; a resumed one (after a restart) sends only
   the manifest, which doubles as the status query;
 * ``receiving`` acks answer manifests. The one answering the *first* manifest only proves the
   aggregator is listening; only a reply to a status query (a re-sent manifest) makes us re-send
-  what it lists as missing. Acks queued while the agent was away are delivered first and are
-  stale, so the newest reply is acted on ``settle_s`` after it arrived;
+  what it lists as missing. Two kinds of stale ack must not pass for that reply. Acks the
+  persistent session kept for a previous (killed) process arrive with the session, before
+  anything is sent: :meth:`Uploader.resume` drops them before its query goes out. Acks in
+  flight that answer an earlier manifest of this process arrive after the query: the newest
+  reply is acted on ``settle_s`` after it arrived;
 * ``unknown`` -> re-send the manifest (once per outstanding query: the aggregator answers every
   chunk of an upload it lost with ``unknown``);
 * ``complete`` / ``rejected`` / ``late`` -> the outbox entry is marked, the upload is finished;
@@ -22,6 +27,7 @@ Nothing here trains or reads settings; the agent passes what it needs.
 from __future__ import annotations
 
 import logging
+import secrets
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -29,11 +35,13 @@ from dataclasses import dataclass, field, replace
 from broker.chunking import chunks_missing, upload_messages
 from broker.codec import encode
 from broker.errors import PacketTooLargeError
-from broker.messages import AckStatus, UploadAck, UploadChunk, UploadManifest
+from broker.messages import AckStatus, RoundAnnouncement, UploadAck, UploadChunk, UploadManifest
 from broker.progress import DeviceProgress, Stage
-from broker.topics import upload_topic
-from broker.transport import PublishHandle, Transport
+from broker.topics import ack_topic, upload_topic
+from broker.transport import Message, PublishHandle, Transport
 from edge_agent.outbox import Outbox, OutboxEntry, OutboxError
+from edge_agent.trainer import TrainResult
+from workload.adapters import sha256_hex
 
 __all__ = ["ActiveUpload", "SendStats", "UploadOutcome", "Uploader"]
 
@@ -114,10 +122,41 @@ class Uploader:
 
     # -- starting ----------------------------------------------------------------------------
 
-    def resume(self, entries: list[OutboxEntry], now: float) -> None:
-        """Queue pending outbox entries (oldest first) left by an earlier process."""
+    def store(
+        self, ann: RoundAnnouncement, *, base_version: int, result: TrainResult, now: float
+    ) -> OutboxEntry:
+        """Write round ``ann``'s update to the outbox under a new upload id (fsync'd: durable
+        before its first byte is published); :meth:`start` publishes it."""
+        update = result.update
+        entry = OutboxEntry(
+            upload_id=f"r{ann.round}-{secrets.token_hex(8)}",
+            round_id=ann.round,
+            base_version=base_version,
+            sha256=sha256_hex(update.payload),
+            size=len(update.payload),
+            sample_count=result.sample_count,
+            method=update.method,
+            metadata=result.manifest_metadata(),
+            created_at=now,
+            chunk_size=ann.chunk_size,
+            deadline=ann.deadline,
+        )
+        return self._outbox.put(entry, update.payload)
+
+    def resume(self, entries: list[OutboxEntry], now: float) -> list[Message]:
+        """Queue pending outbox entries (oldest first) left by an earlier process.
+
+        Returns what the transport had already delivered, less our acks, for the caller to
+        dispatch. Those acks were kept by our persistent session for the previous process (a
+        killed process never PUBACKed them) and cannot answer the status query the resume
+        sends; taken for its reply, a stale ``receiving`` with an empty bitmap would make every
+        chunk go out again.
+        """
+        early = list(iter(lambda: self._client.receive(timeout=0), None))
         self._queue.extend(entries)
         self._next(now)
+        mine = ack_topic(self._fleet, self._me)
+        return [msg for msg in early if msg.topic != mine]
 
     def start(self, entry: OutboxEntry, payload: bytes, now: float) -> None:
         """Publish a freshly stored upload: manifest, then every chunk."""

@@ -25,13 +25,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
+from aggregator.round_result import RoundResult
 from aggregator.service import Aggregator
 from aggregator.settings import AggregatorSettings
 from broker.local import LocalBroker
@@ -46,6 +45,15 @@ from evaluation.fleet_wire import Fate, FleetClock, FleetWire, dropout_fate
 from evaluation.links import LinkProfile, lognormal_links
 from evaluation.quality import HeldOut, evaluate_adapter
 from evaluation.round_time import ClientTiming, round_time
+from evaluation.run_record import (
+    DeviceRound,
+    FleetEval,
+    FleetRound,
+    FleetRun,
+    MethodRun,
+    RunConfig,
+    Scalar,
+)
 from fstq.adapter_state import get_adapter_state
 from workload.data import FederatedSplit, federated_split, load_chatterbot
 from workload.data import write_jsonl as write_pairs
@@ -63,7 +71,7 @@ class FleetError(RuntimeError):
     """The fleet could not finish a run (a round made no progress within its wall limit)."""
 
 
-def compression_for(label: str, budget_bytes: int) -> dict[str, Any]:
+def compression_for(label: str, budget_bytes: int) -> dict[str, Scalar]:
     """The agents' ``compression`` settings of method ``label`` at the matched budget."""
     if label not in METHODS:
         raise ValueError(f"unknown method {label!r}; known: {', '.join(METHODS)}")
@@ -225,28 +233,30 @@ def run_method(
     fleet: Fleet,
     label: str,
     *,
-    into: dict[str, Any] | None = None,
-    on_round: Callable[[dict[str, Any]], None] | None = None,
-) -> dict[str, Any]:
+    on_round: Callable[[MethodRun], None] | None = None,
+) -> MethodRun:
     """Run ``config.rounds`` rounds of method ``label``; returns its run-record entry.
 
-    The entry is filled in as rounds end (``into``, if given, is that entry), so a caller can
-    save a run that is still going from ``on_round``.
+    ``on_round`` gets the entry so far as each round ends (round 0 first: the initial adapter),
+    so a caller can save a run that is still going.
     """
     c = fleet.config
     root = fleet.workdir / label
     shutil.rmtree(root, ignore_errors=True)
     clock = FleetClock()
     budget = fleet.budget_bytes
-    out = {} if into is None else into
-    rounds: list[dict[str, Any]] = []
-    out.update(
-        method=METHODS[label]["method"],
-        options={k: v for k, v in compression_for(label, budget).items() if k != "method"},
-        budget_bytes=budget if METHODS[label].get("budgeted") else None,
-        dense_fp16_bytes=fleet.dense_fp16_bytes,
-        rounds=rounds,
-    )
+    rounds: list[FleetRound] = []
+
+    def entry(skipped_wait_s: float | None = None) -> MethodRun:
+        return MethodRun(
+            method=METHODS[label]["method"],
+            options={k: v for k, v in compression_for(label, budget).items() if k != "method"},
+            budget_bytes=budget if METHODS[label].get("budgeted") else None,
+            dense_fp16_bytes=fleet.dense_fp16_bytes,
+            rounds=tuple(rounds),
+            skipped_wait_s=skipped_wait_s,
+        )
+
     agg = Aggregator(_aggregator_settings(fleet, label, root), clock=clock)
     wires: dict[str, FleetWire] = {}
     agents: dict[str, EdgeAgent] = {}
@@ -276,27 +286,26 @@ def run_method(
     try:
         rounds.append(_initial_record(fleet, agg))
         if on_round is not None:
-            on_round(rounds[0])
+            on_round(entry())
         for t in threads:
             t.start()
         for rec in _drive(fleet, agg, agents, clock, fates):
-            entry = _round_entry(fleet, agg, rec, agents, wires, fates)
-            rounds.append(entry)
-            fates.started(entry["round"] + 1, sum(r["round_time_s"] for r in rounds))
+            rnd = _round_entry(fleet, agg, rec, agents, wires, fates)
+            rounds.append(rnd)
+            fates.started(rnd.round + 1, sum(r.round_time_s for r in rounds))
             if on_round is not None:
-                on_round(entry)
+                on_round(entry())
     finally:
         stop.set()
         for t in threads:
             t.join(timeout=30)
         agg.close()
-        out["skipped_wait_s"] = clock.skipped_s
-    return out
+    return entry(skipped_wait_s=clock.skipped_s)
 
 
 def _drive(
     fleet: Fleet, agg: Aggregator, agents: dict[str, EdgeAgent], clock: FleetClock, fates: _Fates
-) -> Iterator[dict[str, Any]]:
+) -> Iterator[RoundResult]:
     """Step the aggregator until it is done; yield each round record as the round ends."""
     c = fleet.config
     index = {n: i for i, n in enumerate(fleet.names)}
@@ -338,7 +347,7 @@ def _finished(agent: EdgeAgent, round_id: int) -> bool:
     )
 
 
-def _evaluate(fleet: Fleet, agg: Aggregator) -> dict[str, Any]:
+def _evaluate(fleet: Fleet, agg: Aggregator) -> FleetEval:
     c = fleet.config
     with fleet.shared.lock:
         model = fleet.shared.peft_model(c.lora, seed=c.seed)
@@ -348,75 +357,75 @@ def _evaluate(fleet: Fleet, agg: Aggregator) -> dict[str, Any]:
         )  # fmt: skip
 
 
-def _initial_record(fleet: Fleet, agg: Aggregator) -> dict[str, Any]:
-    return {
-        "round": 0, "status": "initial", "selected": [], "arrived": [], "dropped": [],
-        "uplink_wire_bytes": 0, "uplink_payload_bytes": 0, "uplink_resent_bytes": 0,
-        "downlink_wire_bytes": 0, "clients": [], "server_s": 0.0, "round_time_s": 0.0,
-        "eval": _evaluate(fleet, agg),
-    }  # fmt: skip
+def _initial_record(fleet: Fleet, agg: Aggregator) -> FleetRound:
+    return FleetRound(
+        round=0, status="initial", selected=(), arrived=(), dropped=(),
+        uplink_wire_bytes=0, uplink_payload_bytes=0, uplink_resent_bytes=0,
+        downlink_wire_bytes=0, clients=(), server_s=0.0, round_time_s=0.0,
+        eval=_evaluate(fleet, agg),
+    )  # fmt: skip
 
 
 def _round_entry(
     fleet: Fleet,
     agg: Aggregator,
-    rec: dict[str, Any],
+    rec: RoundResult,
     agents: dict[str, EdgeAgent],
     wires: dict[str, FleetWire],
     fates: _Fates,
-) -> dict[str, Any]:
-    r = rec["round"]
-    arrived = set(rec["arrived"])
+) -> FleetRound:
+    r = rec.round
+    arrived = set(rec.arrived)
     # The round can close before the last arrived device has read its ack (and recorded the
-    # upload's compute time): give the acks a moment.
+    # upload as finished): give the acks a moment.
     give_up = time.monotonic() + 30.0
     while not all(_finished(agents[n], r) for n in arrived) and time.monotonic() < give_up:
         time.sleep(0.02)
-    clients: list[dict[str, Any]] = []
+    clients: list[DeviceRound] = []
     timings: list[ClientTiming] = []
-    for name in rec["selected"]:
+    for name in rec.selected:
         fate = fates(fleet.names.index(name), r)
-        report = next((x for x in agents[name].reports if x.entry.round_id == r), None)
-        meta = report.entry.metadata if report is not None else {}
-        wall, cpu = meta.get("compute_s"), meta.get("cpu_s")
+        # Timed by the agent (never sent): what the round of a finished upload took to compute.
+        done = any(x.entry.round_id == r for x in agents[name].reports)
+        took = agents[name].compute_times.get(r) if done else None
         link = fleet.links[name]
         wire = wires[name].upload_bytes(r) if name in wires else 0
-        row = {
-            "client": name,
+        upload = rec.clients.get(name)
+        device = DeviceRound(
+            client=name,
             # Contention-robust compute time: CPU seconds over the torch threads that share
             # them (the wall time, kept as measured_s, grows with whatever else runs here).
-            "compute_s": float(cpu) / _THREADS if isinstance(cpu, int | float) else None,
-            "measured_s": float(wall) if isinstance(wall, int | float) else None,
-            "wire_bytes": wire,
-            "payload_bytes": rec["clients"].get(name, {}).get("bytes", 0),
-            "rate_bps": link.uplink_bps,
-            "arrived": name in arrived,
+            compute_s=took.cpu_s / _THREADS if took is not None else None,
+            measured_s=took.wall_s if took is not None else None,
+            wire_bytes=wire,
+            payload_bytes=0 if upload is None else upload.bytes,
+            rate_bps=link.uplink_bps,
+            arrived=name in arrived,
             # From the fate, not the wire: a halfway device may still be on its way to the
             # point where its link dies when the round closes without it.
-            "dropped": None if fate == "ok" else fate,
-        }
-        clients.append(row)
-        if name in arrived and row["compute_s"] is not None:
-            timings.append(ClientTiming(row["compute_s"], wire, link.uplink_bps))
-    server_s = float(rec.get("close_s", 0.0))
-    return {
-        "round": r,
-        "status": rec["status"],
-        "selected": rec["selected"],
-        "arrived": rec["arrived"],
-        "dropped": sorted(row["client"] for row in clients if row["dropped"]),
-        "uplink_wire_bytes": rec["uplink_wire_bytes"],
-        "uplink_payload_bytes": rec["uplink_payload_bytes"],
-        "uplink_resent_bytes": rec["duplicate_bytes"],
-        "device_upload_bytes": sum(row["wire_bytes"] for row in clients),
-        "downlink_wire_bytes": rec["downlink_wire_bytes"],
-        "late": rec["late"],
-        "rejected": rec["rejected"],
-        "clients": clients,
-        "server_s": server_s,
-        "round_time_s": round_time(timings, server_s),
-        "eval": _evaluate(fleet, agg),
-    }
+            dropped=None if fate is None or fate == "ok" else fate,
+        )
+        clients.append(device)
+        if device.arrived and device.compute_s is not None:
+            timings.append(ClientTiming(device.compute_s, wire, link.uplink_bps))
+    return FleetRound(
+        round=r,
+        status=rec.status,
+        selected=rec.selected,
+        arrived=rec.arrived,
+        dropped=tuple(sorted(d.client for d in clients if d.dropped)),
+        uplink_wire_bytes=rec.uplink_wire_bytes,
+        uplink_payload_bytes=rec.uplink_payload_bytes,
+        uplink_resent_bytes=rec.uplink_resent_bytes,
+        device_upload_bytes=sum(d.wire_bytes for d in clients),
+        downlink_wire_bytes=rec.downlink_wire_bytes,
+        late=rec.late,
+        rejected=rec.rejected,
+        clients=tuple(clients),
+        server_s=rec.close_s,
+        round_time_s=round_time(timings, rec.close_s),
+        eval=_evaluate(fleet, agg),
+    )
 
 
 def run_fleet(
@@ -425,25 +434,33 @@ def run_fleet(
     workdir: Path,
     *,
     links: dict[str, LinkProfile] | None = None,
-    on_method: Callable[[str, dict[str, Any]], None] | None = None,
-    on_round: Callable[[str, dict[str, Any], dict[str, Any]], None] | None = None,
-) -> dict[str, Any]:
-    """Run every method in ``methods`` on one fleet (own Mosquitto); returns the run record."""
+    on_method: Callable[[str, FleetRun], None] | None = None,
+    on_round: Callable[[str, FleetRun, FleetRound], None] | None = None,
+) -> FleetRun:
+    """Run every method in ``methods`` on one fleet (own Mosquitto); returns the run record.
+
+    ``on_round`` (method, record so far, the round) as each round ends and ``on_method`` as each
+    method ends get the record with every method run so far, the current one as far as it got.
+    """
     for label in methods:
         compression_for(label, 1)  # unknown names fail before anything starts
     workdir.mkdir(parents=True, exist_ok=True)
-    record: dict[str, Any] = {"config": config.record(), "methods": {}}
     with LocalBroker("dev") as broker:
         fleet = prepare(config, workdir, broker, links)
-        record["config"]["budget_bytes"] = fleet.budget_bytes
-        record["config"]["dense_fp16_bytes"] = fleet.dense_fp16_bytes
-        record["config"]["links"] = {n: fleet.links[n].uplink_bps for n in fleet.names}
+        run_config = RunConfig.of(
+            config, budget_bytes=fleet.budget_bytes, dense_fp16_bytes=fleet.dense_fp16_bytes,
+            links={n: fleet.links[n].uplink_bps for n in fleet.names},
+        )  # fmt: skip
+        done: dict[str, MethodRun] = {}
         for label in methods:
             log.info("fleet: method %s", label)
-            callback = None if on_round is None else partial(on_round, label, record)
-            run_method(
-                fleet, label, into=record["methods"].setdefault(label, {}), on_round=callback
-            )
+
+            def progress(entry: MethodRun, label: str = label) -> None:
+                if on_round is not None:
+                    so_far = FleetRun(config=run_config, methods={**done, label: entry})
+                    on_round(label, so_far, entry.rounds[-1])
+
+            done[label] = run_method(fleet, label, on_round=progress)
             if on_method is not None:
-                on_method(label, record)
-    return record
+                on_method(label, FleetRun(config=run_config, methods=dict(done)))
+    return FleetRun(config=run_config, methods=done)

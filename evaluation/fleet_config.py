@@ -6,7 +6,6 @@ without loading them (:mod:`evaluation.fleet` runs what these describe).
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -69,11 +68,6 @@ class FleetConfig:
     link_hi_mbps: float = 20.0
     #: Give up on a round that has not closed after this much real time.
     round_wall_limit_s: float = 1800.0
-
-    def record(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["model_cache_dir"] = str(self.model_cache_dir) if self.model_cache_dir else None
-        return out
 
     @property
     def lora(self) -> LoraSpec:

@@ -20,16 +20,15 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
 
 from broker.codec import decode, peek_kind
-from broker.errors import TopicError, WireError
-from broker.framing import publish_size
+from broker.errors import WireError
 from broker.messages import RoundAnnouncement, UploadManifest
-from broker.topics import RoundTopic, UploadTopic, parse_topic
+from broker.topics import RoundTopic, UploadTopic, topic_as
 from broker.transport import Completion, DelegatingTransport, Message, PublishHandle, Transport
 
 __all__ = ["Fate", "FleetClock", "FleetWire", "dropout_fate"]
@@ -101,7 +100,7 @@ class FleetWire(DelegatingTransport):
         if self._held:  # poll briefly: a held announcement may be decided any moment
             timeout = 0.05 if timeout is None else min(timeout, 0.05)
         msg = self.inner.receive(timeout)
-        if msg is None or not msg.payload or not _is_topic(msg.topic, RoundTopic):
+        if msg is None or not msg.payload or topic_as(msg.topic, RoundTopic) is None:
             return msg
         try:
             ann = decode(msg.payload, expect=RoundAnnouncement)
@@ -125,30 +124,16 @@ class FleetWire(DelegatingTransport):
             return msg
         return None
 
-    def publish(
-        self,
-        topic: str,
-        payload: bytes,
-        *,
-        qos: int = 1,
-        retain: bool = False,
-        expiry_s: int | None = None,
-        user_properties: Sequence[tuple[str, str]] = (),
-    ) -> PublishHandle:
-        round_id = _upload_round(topic)
-        if round_id is not None and self._link_dead(round_id, payload):
+    def send(self, message: Message) -> PublishHandle:
+        upload = topic_as(message.topic, UploadTopic)
+        if upload is None:
+            return self.inner.send(message)
+        if self._link_dead(upload.round, message.payload):
             # The link died mid-upload: nothing more of this round's upload leaves the device.
-            return PublishHandle(0, topic, len(payload), Completion())
-        if round_id is not None:
-            size = publish_size(
-                topic, payload, qos, expiry_s=expiry_s, user_properties=user_properties
-            )
-            with self._lock:
-                self._upload_bytes[round_id] += size
-        return self.inner.publish(
-            topic, payload, qos=qos, retain=retain, expiry_s=expiry_s,
-            user_properties=user_properties,
-        )  # fmt: skip
+            return PublishHandle(0, message.topic, len(message.payload), Completion())
+        with self._lock:
+            self._upload_bytes[upload.round] += message.wire_size
+        return self.inner.send(message)
 
     def _link_dead(self, round_id: int, payload: bytes) -> bool:
         if self._fate(round_id) != "halfway":
@@ -169,18 +154,3 @@ class FleetWire(DelegatingTransport):
             if kind == "up.chunk":
                 self._chunks_sent[round_id] += 1
         return False
-
-
-def _is_topic(topic: str, family: type) -> bool:
-    try:
-        return isinstance(parse_topic(topic), family)
-    except TopicError:
-        return False
-
-
-def _upload_round(topic: str) -> int | None:
-    try:
-        parsed = parse_topic(topic)
-    except TopicError:
-        return None
-    return parsed.round if isinstance(parsed, UploadTopic) else None

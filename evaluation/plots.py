@@ -7,15 +7,17 @@ inside the functions because it is the optional ``eval`` extra.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from evaluation.summary import method_records
-from evaluation.targets import Target, progress
+from evaluation.targets import progress
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+
+    from evaluation.run_record import FleetRound, FleetRun
 
 __all__ = ["XAxis", "plot_quality_vs_bytes", "plot_quality_vs_time", "quality_figure"]
 
@@ -28,19 +30,17 @@ _LABELS = {
 }
 
 
-def plot_quality_vs_bytes(run: Mapping[str, Any], metric: str, path: str | Path) -> Path:
+def plot_quality_vs_bytes(run: FleetRun, metric: str, path: str | Path) -> Path:
     """``metric`` against cumulative uplink wire bytes on a log axis (round 0, at 0 B, left out)."""
     return _plot(run, metric, Path(path), "bytes")
 
 
-def plot_quality_vs_time(run: Mapping[str, Any], metric: str, path: str | Path) -> Path:
+def plot_quality_vs_time(run: FleetRun, metric: str, path: str | Path) -> Path:
     """``metric`` against cumulative simulated round time, from round 0 at t = 0."""
     return _plot(run, metric, Path(path), "time")
 
 
-def _series(
-    rounds: list[Mapping[str, Any]], metric: str, x: XAxis
-) -> tuple[list[float], list[float]]:
+def _series(rounds: Sequence[FleetRound], metric: str, x: XAxis) -> tuple[list[float], list[float]]:
     xs: list[float] = []
     ys: list[float] = []
     for p in progress(rounds, metric):
@@ -51,19 +51,17 @@ def _series(
     return xs, ys
 
 
-def quality_figure(run: Mapping[str, Any], metric: str, x: XAxis) -> Figure:
+def quality_figure(run: FleetRun, metric: str, x: XAxis) -> Figure:
     """The figure both plots save: ``metric`` per method against bytes or time."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.add_subplot()
     for name, rec in method_records(run).items():
-        ax.plot(*_series(rec["rounds"], metric, x), marker="o", markersize=3, label=name)
-    raw_target = run.get("target")
-    if raw_target is not None:
-        target = Target.from_dict(raw_target)
-        if target.metric == metric:
-            ax.axhline(target.value, color="0.4", linestyle="--", linewidth=1, label="target")
+        ax.plot(*_series(rec.rounds, metric, x), marker="o", markersize=3, label=name)
+    target = run.target
+    if target is not None and target.metric == metric:
+        ax.axhline(target.value, color="0.4", linestyle="--", linewidth=1, label="target")
     if x == "bytes":
         ax.set_xscale("log")
         ax.set_xlabel("cumulative uplink bytes on the wire")
@@ -76,7 +74,7 @@ def quality_figure(run: Mapping[str, Any], metric: str, x: XAxis) -> Figure:
     return fig
 
 
-def _plot(run: Mapping[str, Any], metric: str, path: Path, x: XAxis) -> Path:
+def _plot(run: FleetRun, metric: str, path: Path, x: XAxis) -> Path:
     fig = quality_figure(run, metric, x)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png", dpi=120)

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from aggregator.round_result import HeldOutEval
+from evaluation.run_record import FleetEval
 from fstq.training import set_adapter_state
 from workload.batches import Example, encode_pair
 from workload.data import QAPair
@@ -56,35 +58,32 @@ def evaluate_adapter(
     *,
     batch_size: int = 16,
     max_new_tokens: int = 24,
-) -> dict[str, Any]:
+) -> FleetEval:
     """Loss, accuracy (overall and per group) and ROUGE-L of ``state`` loaded into ``model``."""
     set_adapter_state(model, state)
     pad = int(tokenizer.pad_token_id)
-    groups: dict[str, dict[str, float]] = {}
+    groups: dict[str, HeldOutEval] = {}
     loss_sum, correct, tokens = 0.0, 0.0, 0
     for name, examples in held_out.groups.items():
         q = answer_metrics(model, examples, pad, batch_size)
         if q.tokens == 0:
             continue
-        groups[name] = {"loss": q.loss, "accuracy": q.accuracy, "tokens": q.tokens}
+        groups[name] = HeldOutEval(loss=q.loss, accuracy=q.accuracy, tokens=q.tokens)
         loss_sum += q.loss * q.tokens
         correct += q.accuracy * q.tokens
         tokens += q.tokens
-    result: dict[str, Any] = {
-        "loss": loss_sum / tokens if tokens else None,
-        "accuracy": correct / tokens if tokens else None,
-        "tokens": tokens,
-    }
+    rouge: float | None = None
     gen = held_out.generation
     if gen:
         answers = generate_answers(
             model, tokenizer, [p.prompt for p in gen], max_new_tokens=max_new_tokens,
             batch_size=batch_size,
         )  # fmt: skip
-        result["rouge_l"] = float(
-            np.mean([rouge_l(a, p.response) for a, p in zip(answers, gen, strict=True)])
-        )
-    else:
-        result["rouge_l"] = None
-    result["groups"] = groups
-    return result
+        rouge = float(np.mean([rouge_l(a, p.response) for a, p in zip(answers, gen, strict=True)]))
+    return FleetEval(
+        loss=loss_sum / tokens if tokens else None,
+        accuracy=correct / tokens if tokens else None,
+        tokens=tokens,
+        rouge_l=rouge,
+        groups=groups,
+    )

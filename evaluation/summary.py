@@ -1,6 +1,6 @@
 """Per-method summary of a fleet run record and the Markdown tables for EVALUATION.md.
 
-The run record is the JSON evaluation/fleet.py writes (schema in evaluation/README.md). Ratios
+The run record is :class:`~evaluation.run_record.FleetRun` (what evaluation/fleet.py writes). Ratios
 are "dense / method" against the ``dense_fp16`` run, so 46x means 46 times less; without a
 dense run they are None. A method that never reaches the target says so instead of a number.
 """
@@ -8,18 +8,11 @@ dense run they are None. A method that never reaches the target says so instead 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any
 
-from evaluation.targets import (
-    RunRecordError,
-    Target,
-    ToTarget,
-    metric_value,
-    progress,
-    to_target,
-)
+from evaluation.run_record import FleetRound, FleetRun, MethodRun, RunRecordError, Scalar
+from evaluation.targets import Target, ToTarget, metric_value, progress, to_target
 
 __all__ = [
     "METRICS",
@@ -43,15 +36,15 @@ class MethodSummary:
     """What one method's run came to."""
 
     method: str
-    options: dict[str, Any]
+    options: dict[str, Scalar]
     rounds: int  # trained rounds in the record (round 0 excluded)
-    final_round: int | None  # the last evaluated round; None if none was evaluated
+    final_round: int | None  # the last round (each is evaluated); None without rounds
     final: dict[str, float | None]  # metric -> value at final_round
     #: metric -> (method - dense) / |dense| * 100 at dense's final round (a method run for more
     #: rounds, to reach the target, is compared where dense stopped; one run for fewer, at its own
     #: final round)
     vs_dense_pct: dict[str, float | None]
-    by_round: dict[int, dict[str, float | None]]  # evaluated round -> metric -> value
+    by_round: dict[int, dict[str, float | None]]  # round -> metric -> value
     to_target: ToTarget | None  # None: no target, or never reached
     bytes_ratio: float | None  # dense / method, uplink wire bytes to target
     time_ratio: float | None  # dense / method, simulated time to target
@@ -71,23 +64,18 @@ class Summary:
     methods: dict[str, MethodSummary]  # reference first, then in record order
 
 
-def method_records(run: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
-    """The run record's methods, each checked to hold a list of rounds; reference first."""
-    methods = run.get("methods")
-    if not isinstance(methods, Mapping) or not methods:
-        raise RunRecordError('the run record needs a non-empty "methods" object')
-    for name, rec in methods.items():
-        rounds = rec.get("rounds") if isinstance(rec, Mapping) else None
-        if not isinstance(rounds, list) or not all(isinstance(r, Mapping) for r in rounds):
-            raise RunRecordError(f'method {name!r}: "rounds" must be a list of objects')
+def method_records(run: FleetRun) -> dict[str, MethodRun]:
+    """The run record's methods, the reference first; a record without any is an error."""
+    methods = run.methods
+    if not methods:
+        raise RunRecordError("the run record has no methods")
     # sorted() is stable: the reference first, the rest in record order.
     return {name: methods[name] for name in sorted(methods, key=lambda n: n != REFERENCE)}
 
 
-def summarize(run: Mapping[str, Any]) -> Summary:
-    """Summarise every method of a run record (a dict loaded from the runner's JSON)."""
-    raw_target = run.get("target")
-    target = None if raw_target is None else Target.from_dict(raw_target)
+def summarize(run: FleetRun) -> Summary:
+    """Summarise every method of a run record."""
+    target = run.target
     raw = {name: _method(name, rec, target) for name, rec in method_records(run).items()}
     ref = raw.get(REFERENCE)
     return Summary(
@@ -97,52 +85,34 @@ def summarize(run: Mapping[str, Any]) -> Summary:
     )
 
 
-def _method(name: str, rec: Mapping[str, Any], target: Target | None) -> MethodSummary:
-    rounds = rec["rounds"]
+def _method(name: str, rec: MethodRun, target: Target | None) -> MethodSummary:
+    rounds = rec.rounds
     steps = progress(rounds, METRICS[0])  # cumulative bytes and time; metrics read below
-    evaluated = [r for r in rounds if isinstance(r.get("eval"), Mapping)]
-    last = evaluated[-1] if evaluated else None
-    rss = rec.get("agent_peak_rss_mb")
-    if rss is not None and (isinstance(rss, bool) or not isinstance(rss, int | float)):
-        raise RunRecordError(f"method {name!r}: agent_peak_rss_mb must be a number or null")
+    last = rounds[-1] if rounds else None
     return MethodSummary(
         method=name,
-        options=dict(rec.get("options") or {}),
+        options=dict(rec.options),
         rounds=sum(1 for p in steps if p.round > 0),
-        final_round=None if last is None else int(last["round"]),
+        final_round=None if last is None else last.round,
         final={m: None if last is None else metric_value(last, m) for m in METRICS},
         vs_dense_pct=dict.fromkeys(METRICS),
-        by_round={int(r["round"]): {m: metric_value(r, m) for m in METRICS} for r in evaluated},
+        by_round={r.round: {m: metric_value(r, m) for m in METRICS} for r in rounds},
         to_target=None if target is None else to_target(rounds, target),
         bytes_ratio=None,
         time_ratio=None,
         total_uplink_wire_bytes=steps[-1].uplink_wire_bytes if steps else 0,
-        total_resent_bytes=_total(name, rounds, "uplink_resent_bytes"),
-        total_downlink_wire_bytes=_total(name, rounds, "downlink_wire_bytes"),
+        total_resent_bytes=sum(r.uplink_resent_bytes for r in rounds),
+        total_downlink_wire_bytes=sum(r.downlink_wire_bytes for r in rounds),
         total_time_s=steps[-1].time_s if steps else 0.0,
-        mean_payload_bytes=_mean_payload(name, rounds),
+        mean_payload_bytes=_mean_payload(rounds),
         payload_ratio=None,
-        agent_peak_rss_mb=None if rss is None else float(rss),
+        agent_peak_rss_mb=rec.agent_peak_rss_mb,
     )
 
 
-def _total(name: str, rounds: Sequence[Mapping[str, Any]], key: str) -> int:
-    """Sum of an optional per-round byte count (absent = 0)."""
-    values = [r.get(key, 0) for r in rounds]
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        raise RunRecordError(f"method {name!r}: {key} must be integers")
-    return sum(values)
-
-
-def _mean_payload(name: str, rounds: Sequence[Mapping[str, Any]]) -> float | None:
+def _mean_payload(rounds: Sequence[FleetRound]) -> float | None:
     """Mean compressed payload over every upload that arrived, rounds 1..n."""
-    sizes = []
-    for rnd in rounds:
-        for client in rnd.get("clients") or []:
-            if not isinstance(client, Mapping) or not isinstance(client.get("payload_bytes"), int):
-                raise RunRecordError(f"method {name!r}: bad client entry {client!r}")
-            if client.get("arrived"):
-                sizes.append(client["payload_bytes"])
+    sizes = [c.payload_bytes for rnd in rounds for c in rnd.clients if c.arrived]
     return sum(sizes) / len(sizes) if sizes else None
 
 

@@ -9,13 +9,19 @@ rounds 1..k, where k is the first round whose evaluation reaches the target.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from pydantic.dataclasses import dataclass as record
+
+from common.record import RECORD_CONFIG
+
+if TYPE_CHECKING:
+    from evaluation.run_record import FleetRound
 
 __all__ = [
     "Progress",
-    "RunRecordError",
     "Target",
     "ToTarget",
     "first_reaching",
@@ -26,15 +32,11 @@ __all__ = [
 ]
 
 
-class RunRecordError(ValueError):
-    """A run record (evaluation/fleet.py's JSON) missing a field or holding a wrong type."""
-
-
-@dataclass(frozen=True)
+@record(frozen=True, config=RECORD_CONFIG)
 class Target:
-    """A quality to reach: ``metric`` at ``value`` or better."""
+    """A quality to reach: ``metric`` at ``value`` or better (the run record's ``target``)."""
 
-    metric: str  # a key of a round's "eval": loss, accuracy or rouge_l
+    metric: str  # a metric of a round's "eval": loss, accuracy or rouge_l
     value: float
     higher_is_better: bool
     rule: str  # how the value was derived, for the report
@@ -44,17 +46,6 @@ class Target:
         if value is None:
             return False
         return value >= self.value if self.higher_is_better else value <= self.value
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Target:
-        try:
-            value = float(d["value"])
-            return cls(str(d["metric"]), value, bool(d["higher_is_better"]), str(d["rule"]))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise RunRecordError(f"bad target {dict(d)!r}: {exc!r}") from exc
 
 
 def target_from_reference(
@@ -111,24 +102,12 @@ class ToTarget:
     time_s: float
 
 
-def _field(rnd: Mapping[str, Any], key: str, kind: type[int] | type[float]) -> Any:
-    value = rnd.get(key)
-    # A JSON float for a byte count, or a bool anywhere, means the record is wrong.
-    ok = isinstance(value, int) if kind is int else isinstance(value, int | float)
-    if not ok or isinstance(value, bool):
-        raise RunRecordError(f"round {rnd.get('round')!r}: {key} must be a number, got {value!r}")
-    return value
+def metric_value(rnd: FleetRound, metric: str) -> float | None:
+    """A round's evaluation of ``metric``; None when it has no value for it."""
+    return rnd.eval.metric(metric)
 
 
-def metric_value(rnd: Mapping[str, Any], metric: str) -> float | None:
-    """A round's evaluation of ``metric``; None when the round was not evaluated."""
-    ev = rnd.get("eval")
-    if not isinstance(ev, Mapping) or ev.get(metric) is None:
-        return None
-    return float(ev[metric])
-
-
-def progress(rounds: Sequence[Mapping[str, Any]], metric: str) -> list[Progress]:
+def progress(rounds: Sequence[FleetRound], metric: str) -> list[Progress]:
     """Per round of a run record, in order: the metric and cumulative bytes and time.
 
     Round 0 (the initial adapter) costs nothing; failed or unevaluated rounds still count
@@ -137,15 +116,14 @@ def progress(rounds: Sequence[Mapping[str, Any]], metric: str) -> list[Progress]
     out: list[Progress] = []
     total_bytes, total_s = 0, 0.0
     for rnd in rounds:
-        number = _field(rnd, "round", int)
-        if number > 0:
-            total_bytes += _field(rnd, "uplink_wire_bytes", int)
-            total_s += _field(rnd, "round_time_s", float)
-        out.append(Progress(number, metric_value(rnd, metric), total_bytes, total_s))
+        if rnd.round > 0:
+            total_bytes += rnd.uplink_wire_bytes
+            total_s += rnd.round_time_s
+        out.append(Progress(rnd.round, metric_value(rnd, metric), total_bytes, total_s))
     return out
 
 
-def to_target(rounds: Sequence[Mapping[str, Any]], target: Target) -> ToTarget | None:
+def to_target(rounds: Sequence[FleetRound], target: Target) -> ToTarget | None:
     """Cost to the first round reaching ``target``; None if the run never reaches it."""
     for p in progress(rounds, target.metric):
         if target.reached(p.value):

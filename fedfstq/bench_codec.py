@@ -21,20 +21,20 @@ with a per-column factor. Heavy imports are lazy: ``fedfstq --help`` must stay f
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import platform
 import statistics
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
 
+    from fedfstq.bench_results import CodecInput, CodecResults
     from fstq.compressors import Compressor
 
 __all__ = ["add_arguments", "main", "markdown_table", "run_codec_bench"]
@@ -63,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     """Run the benchmark and print a Markdown table; returns the exit code."""
     results = run_codec_bench(args.json, args.quick)
-    print(markdown_table(results))
+    print(markdown_table(results.inputs))
     return 0
 
 
@@ -211,7 +211,8 @@ def _relative_distortion(
     return num / den if den else 0.0
 
 
-def _bench_input(label: str, delta: Update, fisher: Update, repeats: int) -> dict[str, Any]:
+def _bench_input(label: str, delta: Update, fisher: Update, repeats: int) -> CodecInput:
+    from fedfstq.bench_results import CodecInput, CodecParts, CodecRow
     from fstq.compressors import decompress
     from fstq.stream_stats import payload_entropy
 
@@ -229,50 +230,48 @@ def _bench_input(label: str, delta: Update, fisher: Update, repeats: int) -> dic
         decoded = decompress(payload)
         report = result.report
         entropy = payload_entropy(payload)
-        rows.append(
-            {
-                "method": method.label,
-                "bytes": report.total,
-                "ratio_vs_fp16": report.ratio_vs_fp16(),
-                "ratio_vs_fp32": report.ratio_vs_fp32(),
-                "bits_per_coord": report.bits_per_coord(),
-                "compress_mb_s": mbytes / t_comp,
-                "decompress_mb_s": mbytes / t_dec,
-                "compress_mb_s_best": mbytes / best_comp,
-                "decompress_mb_s_best": mbytes / best_dec,
-                "entropy_ratio": report.total / (report.header + entropy.total),
-                "parts": {
-                    "header": report.header,
-                    "indices": [report.indices, entropy.indices],
-                    "tags": [report.tags, entropy.tags],
-                    "values": [report.values, entropy.values],
-                    "scales": [report.scales, entropy.scales],
-                },
-                "fisher_distortion": _relative_distortion(delta, decoded, fisher),
-                "mse_distortion": _relative_distortion(delta, decoded, None),
-                "bits_histogram": report.bits_histogram,
-            }
+        row = CodecRow(
+            method=method.label,
+            bytes=report.total,
+            ratio_vs_fp16=report.ratio_vs_fp16(),
+            ratio_vs_fp32=report.ratio_vs_fp32(),
+            bits_per_coord=report.bits_per_coord(),
+            compress_mb_s=mbytes / t_comp,
+            decompress_mb_s=mbytes / t_dec,
+            compress_mb_s_best=mbytes / best_comp,
+            decompress_mb_s_best=mbytes / best_dec,
+            entropy_ratio=report.total / (report.header + entropy.total),
+            parts=CodecParts(
+                header=report.header,
+                indices=(report.indices, entropy.indices),
+                tags=(report.tags, entropy.tags),
+                values=(report.values, entropy.values),
+                scales=(report.scales, entropy.scales),
+            ),
+            fisher_distortion=_relative_distortion(delta, decoded, fisher),
+            mse_distortion=_relative_distortion(delta, decoded, None),
+            bits_histogram=report.bits_histogram,
         )
+        rows.append(row)
         log.info(
             "%s / %s: %.0f MB/s compress, %.0f MB/s decompress",
             label,
             method.label,
-            rows[-1]["compress_mb_s"],
-            rows[-1]["decompress_mb_s"],
+            row.compress_mb_s,
+            row.decompress_mb_s,
         )
-    return {
-        "input": label,
-        "coords": n,
-        "tensors": len(delta),
-        "budget_bytes": budget,
-        "rows": rows,
-    }
+    return CodecInput(
+        input=label, coords=n, tensors=len(delta), budget_bytes=budget, rows=tuple(rows)
+    )
 
 
-def run_codec_bench(json_path: str | None, quick: bool) -> dict[str, Any]:
+def run_codec_bench(json_path: str | None, quick: bool) -> CodecResults:
     """Benchmark every method on the two inputs; optionally write JSON; returns the results."""
     import numpy as np
     import torch
+
+    from common.record import to_json
+    from fedfstq.bench_results import CodecResults, CodecTargets, this_machine
 
     torch.set_num_threads(1)
     inputs: list[tuple[str, Update, Update, int]] = []  # label, delta, fisher, repeats
@@ -292,51 +291,44 @@ def run_codec_bench(json_path: str | None, quick: bool) -> dict[str, Any]:
     big, big_fisher = synthetic_update(_llama7b_shapes(layers), seed=2)
     label = f"synthetic Llama-2-7B r=16 all-linear LoRA shapes, {layers} layers"
     inputs.append((label, big, big_fisher, 3 if quick else 5))
-    results = {
-        "machine": {
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "numpy": np.__version__,
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "load_average_at_start": os.getloadavg()[0],
-        },
-        "quick": quick,
-        "budget": f"{BUDGET_FRACTION_OF_FP16:g} of dense fp16 bytes",
-        "targets": {
-            "compress_mb_s": TARGET_COMPRESS_MBPS,
-            "decompress_mb_s": TARGET_DECOMPRESS_MBPS,
-            "entropy_ratio": TARGET_ENTROPY_RATIO,
-        },
-        "inputs": [_bench_input(*item) for item in inputs],
-    }
+    machine = replace(this_machine(os.getloadavg()[0]), numpy=np.__version__)
+    results = CodecResults(
+        machine=machine,
+        quick=quick,
+        budget=f"{BUDGET_FRACTION_OF_FP16:g} of dense fp16 bytes",
+        targets=CodecTargets(
+            compress_mb_s=TARGET_COMPRESS_MBPS,
+            decompress_mb_s=TARGET_DECOMPRESS_MBPS,
+            entropy_ratio=TARGET_ENTROPY_RATIO,
+        ),
+        inputs=tuple(_bench_input(*item) for item in inputs),
+    )
     if json_path:
-        with open(json_path, "w", encoding="utf-8") as fh:
-            json.dump(results, fh, indent=2, sort_keys=True)
+        text = to_json(results, indent=2, sort_keys=True, allow_nan=True)
+        Path(json_path).write_text(text, encoding="utf-8")
     return results
 
 
-def markdown_table(results: Mapping[str, Any]) -> str:
+def markdown_table(inputs: Sequence[CodecInput]) -> str:
     """The results as Markdown tables, one per input."""
     lines = []
-    for item in results["inputs"]:
+    for item in inputs:
         lines.append(
-            f"\n**{item['input']}** - {item['coords']:,} coordinates in {item['tensors']} "
-            f"tensors, budget {item['budget_bytes']:,} B\n"
+            f"\n**{item.input}** - {item.coords:,} coordinates in {item.tensors} "
+            f"tensors, budget {item.budget_bytes:,} B\n"
         )
         lines.append(
             "| method | bytes | x vs fp16 | x vs fp32 | bits/coord | compress MB/s "
             "| decompress MB/s | size / entropy | Fisher dist. | MSE dist. |"
         )
         lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-        for r in item["rows"]:
+        for r in item.rows:
             lines.append(
-                f"| {r['method']} | {r['bytes']:,} | {r['ratio_vs_fp16']:.2f} "
-                f"| {r['ratio_vs_fp32']:.2f} | {r['bits_per_coord']:.2f} "
-                f"| {r['compress_mb_s']:.0f} | {r['decompress_mb_s']:.0f} "
-                f"| {r['entropy_ratio']:.3f} | {r['fisher_distortion']:.4f} "
-                f"| {r['mse_distortion']:.4f} |"
+                f"| {r.method} | {r.bytes:,} | {r.ratio_vs_fp16:.2f} "
+                f"| {r.ratio_vs_fp32:.2f} | {r.bits_per_coord:.2f} "
+                f"| {r.compress_mb_s:.0f} | {r.decompress_mb_s:.0f} "
+                f"| {r.entropy_ratio:.3f} | {r.fisher_distortion:.4f} "
+                f"| {r.mse_distortion:.4f} |"
             )
     return "\n".join(lines)
 

@@ -9,12 +9,12 @@ summary tables; ``--plots DIR`` draws quality versus uplink bytes and versus sim
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import signal
 import sys
+from dataclasses import fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from evaluation.fleet_config import METHODS, FleetConfig
 from fedfstq.option_types import (
@@ -26,6 +26,10 @@ from fedfstq.option_types import (
     probability,
 )
 from fedfstq.workdir import claim_workdir
+
+if TYPE_CHECKING:
+    from evaluation.run_record import FleetRound, FleetRun, RunConfig
+    from evaluation.targets import Target
 
 __all__ = ["add_arguments", "main"]
 
@@ -134,17 +138,17 @@ def _config(args: argparse.Namespace) -> FleetConfig:
     )  # fmt: skip
 
 
-def _target(args: argparse.Namespace, record: dict[str, Any]) -> dict[str, Any] | None:
+def _target(args: argparse.Namespace, record: FleetRun) -> Target | None:
     from evaluation.targets import Target, metric_value, target_from_reference
 
     metric, higher = args.target_metric, _HIGHER_IS_BETTER[args.target_metric]
     if args.target_value is not None:
         rule = "fixed before the run (--target-value)"
-        return Target(metric, args.target_value, higher, rule).to_dict()
-    dense = record["methods"].get("dense_fp16")
+        return Target(metric, args.target_value, higher, rule)
+    dense = record.methods.get("dense_fp16")
     if dense is None:
         return None
-    values = [metric_value(r, metric) for r in dense["rounds"]]
+    values = [metric_value(r, metric) for r in dense.rounds]
     if len(values) < 2 or any(v is None for v in values):
         return None  # the dense run has not trained a round yet
     try:
@@ -155,48 +159,55 @@ def _target(args: argparse.Namespace, record: dict[str, Any]) -> dict[str, Any] 
     except ValueError as exc:
         log.warning("no target: %s", exc)
         return None
-    return target.to_dict()
+    return target
 
 
-def _print_round(method: str, r: dict[str, Any]) -> None:
-    ev = r["eval"]
-    rouge = ev.get("rouge_l")
+def _print_round(method: str, r: FleetRound) -> None:
+    ev = r.eval
     print(
-        f"{method:>16} round {r['round']:>3}: loss {ev['loss']:.4f} acc {ev['accuracy']:.4f} "
-        f"rougeL {rouge if rouge is None else f'{rouge:.4f}'} "
-        f"up {r['uplink_wire_bytes']:>10,} B  time {r['round_time_s']:8.2f} s  "
-        f"arrived {len(r['arrived'])}/{len(r['selected'])} dropped {r['dropped']}",
+        f"{method:>16} round {r.round:>3}: loss {ev.loss:.4f} acc {ev.accuracy:.4f} "
+        f"rougeL {ev.rouge_l if ev.rouge_l is None else f'{ev.rouge_l:.4f}'} "
+        f"up {r.uplink_wire_bytes:>10,} B  time {r.round_time_s:8.2f} s  "
+        f"arrived {len(r.arrived)}/{len(r.selected)} dropped {list(r.dropped)}",
         flush=True,
     )
 
 
-def merge_records(records: list[dict[str, Any]]) -> dict[str, Any]:
+def _fleet(config: RunConfig) -> RunConfig:
+    """What makes runs one fleet: the config without what a run measured, how long it ran (a
+    method may run longer to reach the target) and the budget (a method setting: runs at another
+    budget keep their methods apart, in :func:`merge_records`)."""
+    return replace(
+        config, budget_bytes=0, dense_fp16_bytes=0, links={}, rounds=0, budget_fraction=0.0
+    )
+
+
+def merge_records(records: list[FleetRun]) -> FleetRun:
     """One record from runs of the same fleet (config equal but for what runs measured)."""
-    # What a run measured, how long it ran (a method may run longer to reach the target), and
-    # the budget (a method setting: runs at another budget keep their methods apart, below).
-    own = ("budget_bytes", "dense_fp16_bytes", "links", "rounds", "budget_fraction")
+    from evaluation.run_record import FleetRun, MethodRun
+
     first = records[0]
-    merged: dict[str, Any] = {"config": first["config"], "methods": {}}
+    methods: dict[str, MethodRun] = {}
     for rec in records:
-        mismatch = {
-            k for k in set(rec["config"]) | set(first["config"])
-            if k not in own and rec["config"].get(k) != first["config"].get(k)
-        }  # fmt: skip
+        same, other = _fleet(first.config), _fleet(rec.config)
+        mismatch = {f.name for f in fields(same) if getattr(same, f.name) != getattr(other, f.name)}
         if mismatch:
             raise ValueError(f"runs differ in {sorted(mismatch)}: not the same fleet")
-        fraction = rec["config"].get("budget_fraction")
-        for label, method in rec["methods"].items():
-            other_budget = fraction != first["config"].get("budget_fraction")
-            key = f"{label}@{fraction:g}" if other_budget and method.get("budget_bytes") else label
-            merged["methods"][key] = method
-    return merged
+        fraction = rec.config.budget_fraction
+        for label, method in rec.methods.items():
+            other_budget = fraction != first.config.budget_fraction
+            key = f"{label}@{fraction:g}" if other_budget and method.budget_bytes else label
+            methods[key] = method
+    return FleetRun(config=first.config, methods=methods)
 
 
 def main(args: argparse.Namespace) -> int:
     if args.report is not None:
+        from evaluation.run_record import read_run
+
         try:
-            record = merge_records([json.loads(path.read_text()) for path in args.report])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            record = merge_records([read_run(path) for path in args.report])
+        except (OSError, ValueError) as exc:
             print(f"fedfstq bench fleet --report: {exc}", file=sys.stderr)
             return 2
     else:
@@ -208,9 +219,10 @@ def main(args: argparse.Namespace) -> int:
     return _report(args, record)
 
 
-def _run(args: argparse.Namespace) -> dict[str, Any]:
+def _run(args: argparse.Namespace) -> FleetRun:
     from evaluation.fleet import run_fleet
     from evaluation.links import load_trace
+    from evaluation.run_record import write_run
 
     # SIGTERM unwinds like Ctrl-C, so the private Mosquitto and the agents are stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -229,16 +241,12 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         names = [f"c{i:03d}" for i in range(config.clients)]
         links = assign_links(names, load_trace(args.trace), np.random.default_rng(config.seed))
 
-    record: dict[str, Any] = {}
-
-    def save(label: str, rec: dict[str, Any]) -> None:
-        record.update(rec)
-        record["target"] = _target(args, rec)
+    def save(label: str, rec: FleetRun) -> None:
         if args.json is not None:
             args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(record, indent=1, allow_nan=False) + "\n")
+            write_run(args.json, replace(rec, target=_target(args, rec)))
 
-    def progress(label: str, rec: dict[str, Any], rnd: dict[str, Any]) -> None:
+    def progress(label: str, rec: FleetRun, rnd: FleetRound) -> None:
         _print_round(label, rnd)
         save(label, rec)
 
@@ -249,12 +257,12 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     result = run_fleet(config, methods, workdir, links=links, on_method=save,
                        on_round=progress)  # fmt: skip
     if not args.no_memory:
-        measure_memory(result, workdir)
+        result = measure_memory(result, workdir)
     save("", result)
-    return record
+    return result  # its target is fixed by _report
 
 
-def measure_memory(record: dict[str, Any], workdir: Path) -> None:
+def measure_memory(record: FleetRun, workdir: Path) -> FleetRun:
     """Peak RSS of one device's process per method (evaluation.agent_memory), into the record.
 
     Uses the run's settings and the data of its first device (left in ``workdir`` by the run).
@@ -262,31 +270,33 @@ def measure_memory(record: dict[str, Any], workdir: Path) -> None:
     from evaluation.agent_memory import measure_peak_rss_mb
     from evaluation.fleet import compression_for
 
-    c = record["config"]
-    for label, rec in record["methods"].items():
+    c = record.config
+    methods = dict(record.methods)
+    for label, rec in methods.items():
         settings = {
-            "client_id": "memory", "model": c["model"],
+            "client_id": "memory", "model": c.model,
             "data_path": workdir / label / "devices" / "c000" / "data.jsonl",
             "state_dir": workdir / "memory" / label,
-            "training": {"steps": c["steps"], "batch_size": c["batch_size"],
-                         "max_len": c["max_len"], "lr": c["lr"]},
-            "compression": compression_for(label, c["budget_bytes"]),
+            "training": {"steps": c.steps, "batch_size": c.batch_size,
+                         "max_len": c.max_len, "lr": c.lr},
+            "compression": compression_for(label, c.budget_bytes),
         }  # fmt: skip
-        lora = {"r": c["lora_r"], "alpha": c["lora_alpha"], "target_modules": c["lora_targets"]}
-        rec["agent_peak_rss_mb"] = rss = measure_peak_rss_mb(
-            settings, lora, workdir / "memory" / label
-        )
+        lora = {"r": c.lora_r, "alpha": c.lora_alpha, "target_modules": list(c.lora_targets)}
+        rss = measure_peak_rss_mb(settings, lora, workdir / "memory" / label)
+        methods[label] = replace(rec, agent_peak_rss_mb=rss)
         print(f"{label:>16}: agent peak RSS {rss:.0f} MB", flush=True)
+    return replace(record, methods=methods)
 
 
-def _report(args: argparse.Namespace, record: dict[str, Any]) -> int:
+def _report(args: argparse.Namespace, record: FleetRun) -> int:
+    from evaluation.run_record import write_run
     from evaluation.summary import markdown_tables, summarize
 
-    record["target"] = _target(args, record)
+    record = replace(record, target=_target(args, record))
     if args.report is not None and args.memory:
-        measure_memory(record, args.workdir)
+        record = measure_memory(record, args.workdir)
     if args.report is not None and args.json is not None:
-        args.json.write_text(json.dumps(record, indent=1, allow_nan=False) + "\n")
+        write_run(args.json, record)
     summary = summarize(record)
     print()
     print(markdown_tables(summary))

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from aggregator import arguments as aggregator_arguments
+from common.exit_codes import ExitCode
 from edge_agent import arguments as agent_arguments
-from edge_agent.exit_codes import ExitCode
 from fedfstq import bench_codec, bench_fleet, bench_inference, demo, enrol, status
 from fedfstq.errors import INTERRUPTED, exit_codes_text, one_line, report
 
@@ -40,8 +40,8 @@ budget); the aggregator averages the updates into a new shared adapter every rou
 """
 
 EPILOG = f"""\
-exit codes of demo, bench, enrol and status (agent uses the same numbers, aggregator its own: \
-see `fedfstq aggregator --help`):
+exit codes, the same for every command (agent and aggregator included; `aggregator --check`: \
+0 healthy, 1 unhealthy, 2 configuration):
 
 {exit_codes_text()}
 
@@ -161,9 +161,8 @@ COMMANDS = (
         "Run the aggregator service (deploy/README.md): it announces rounds, collects and "
         "confirms the devices' uploads, averages them and publishes each new global adapter. "
         "Settings come from the TOML file, FEDFSTQ_AGG_* variables and these flags "
-        "(aggregator/README.md). Exit codes: 0 stopped cleanly (--check: healthy), 1 unexpected "
-        "error (--check: unhealthy), 2 configuration, 3 model or data, 4 broker unreachable at "
-        "start.",
+        "(aggregator/README.md). Exit codes: the table of `fedfstq --help`; --check exits 0 "
+        "healthy, 1 unhealthy, 2 configuration error.",
         aggregator_arguments.add_arguments,
         _aggregator,
     ),

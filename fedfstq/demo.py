@@ -253,14 +253,16 @@ def _watch(
 
 def _report(args: argparse.Namespace, workdir: Path, eval_path: Path, code: int) -> int:
     """The per-round table, the records as JSON, and held-out answers before and after."""
-    from fedfstq.demo_report import compare_answers, read_rounds, table_text
+    from aggregator.round_result import read_rounds
+    from common.record import jsonable
+    from fedfstq.demo_report import compare_answers, table_text
 
     records = read_rounds(workdir / "aggregator" / "rounds.jsonl")
     if records:
         print("\n" + table_text(records))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(records, indent=2))
+        args.json.write_text(json.dumps([jsonable(r) for r in records], indent=2))
         print(f"\nper-round records: {args.json}")
     globals_dir = workdir / "aggregator" / "global"
     versions = sorted(globals_dir.glob("v*")) if globals_dir.is_dir() else []
@@ -275,7 +277,7 @@ def _report(args: argparse.Namespace, workdir: Path, eval_path: Path, code: int)
             print(f"  {first.name}: {a.before}\n  {last.name}: {a.after}")
     if versions:
         print(f"\nfinal global adapter (stock peft layout): {versions[-1]}")
-    if code == 0 and len([r for r in records if r["status"] == "closed"]) < args.rounds:
+    if code == 0 and len([r for r in records if r.status == "closed"]) < args.rounds:
         print("the aggregator stopped before all rounds closed; see the logs")
         code = 1
     return code

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import socket
 
-from edge_agent.exit_codes import ExitCode
+from common.exit_codes import ExitCode
 from fedfstq.errors import CliError
 
 __all__ = ["check_languages", "remote_broker"]

@@ -2,7 +2,8 @@
 a few held-out answers of the initial adapter next to the final one's.
 
 Every number comes from the aggregator's ``rounds.jsonl`` record of the round (its evaluation
-of the new global adapter on the held-out set, and the MQTT bytes it counted both ways).
+of the new global adapter on the held-out set, and the MQTT bytes it counted both ways), read
+with :func:`aggregator.round_result.read_rounds`.
 """
 
 from __future__ import annotations
@@ -12,16 +13,17 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from rich.table import Table
+
+    from aggregator.round_result import RoundResult
 
 __all__ = [
     "COLUMNS",
     "Answer",
     "compare_answers",
-    "read_rounds",
     "result_line",
     "rounds_table",
     "row",
@@ -42,36 +44,28 @@ COLUMNS = (
 )
 
 
-def read_rounds(path: Path) -> list[dict[str, Any]]:
-    """The aggregator's per-round records so far (none before the first round ends)."""
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _num(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
-def row(rec: dict[str, Any]) -> list[str]:
+def row(rec: RoundResult) -> list[str]:
     """The cells of one round, in :data:`COLUMNS` order."""
-    ev = rec.get("eval") or {}
-    loss = ev.get("loss")
-    ratio = rec.get("ratio_vs_fp16")
+    loss = None if rec.eval is None else rec.eval.loss
+    ratio = rec.ratio_vs_fp16
     return [
-        str(rec["round"]),
-        rec["status"],
+        str(rec.round),
+        rec.status,
         _num(loss, ".4f"),
         _num(None if loss is None else math.exp(loss), ".2f"),
-        f"{rec['uplink_wire_bytes']:,}",
-        f"{rec['downlink_wire_bytes']:,}",
-        f"{rec['accepted_payload_bytes']:,}",
+        f"{rec.uplink_wire_bytes:,}",
+        f"{rec.downlink_wire_bytes:,}",
+        f"{rec.accepted_payload_bytes:,}",
         f"{ratio:.1f}x" if ratio else "-",
-        f"{len(rec['arrived'])}/{len(rec['selected'])}",
+        f"{len(rec.arrived)}/{len(rec.selected)}",
     ]
 
 
-def table_text(records: Sequence[dict[str, Any]]) -> str:
+def table_text(records: Sequence[RoundResult]) -> str:
     """The per-round table as plain text (right-aligned columns)."""
     cells = [list(COLUMNS), *(row(r) for r in records)]
     widths = [max(len(r[i]) for r in cells) for i in range(len(COLUMNS))]
@@ -80,7 +74,7 @@ def table_text(records: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def rounds_table(records: Sequence[dict[str, Any]]) -> Table:
+def rounds_table(records: Sequence[RoundResult]) -> Table:
     """The per-round table for the live view."""
     from rich.table import Table
 
@@ -92,7 +86,7 @@ def rounds_table(records: Sequence[dict[str, Any]]) -> Table:
     return table
 
 
-def result_line(rec: dict[str, Any]) -> str:
+def result_line(rec: RoundResult) -> str:
     """One line when a round's record appears."""
     cells = dict(zip(COLUMNS, row(rec), strict=True))
     return (

@@ -13,9 +13,10 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from fedfstq.demo_report import read_rounds, result_line, rounds_table
+from aggregator.round_result import RoundResult, read_rounds
+from fedfstq.demo_report import result_line, rounds_table
 from fedfstq.fleet_view import FleetView
 from fedfstq.fleet_watch import FleetOutput, Mode, pump
 from fedfstq.observer import connect, target
@@ -36,7 +37,7 @@ class Run:
     host: str
     port: int
     fleet: str = "demo"
-    records: list[dict[str, Any]] = field(default_factory=list)
+    records: list[RoundResult] = field(default_factory=list)
 
     def outcome(self) -> int | None:
         """The demo's exit code once it is decided, else None (keep watching)."""

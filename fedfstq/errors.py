@@ -1,9 +1,9 @@
 """What a failed ``fedfstq`` command prints and the exit code it returns.
 
 The commands raise typed errors; :func:`fedfstq.cli.main` turns each into one line on stderr
-(``fedfstq <command>: error: ...``) and an exit code from the edge agent's table
-(:class:`edge_agent.exit_codes.ExitCode`), so a script or a systemd unit reads every ``fedfstq``
-command the same way. This module imports nothing heavy: ``fedfstq --help`` loads it.
+(``fedfstq <command>: error: ...``) and an exit code from the one table of every ``fedfstq``
+command (:class:`common.exit_codes.ExitCode`, the services' too), so a script or a systemd unit
+reads them all the same way. This module imports nothing heavy: ``fedfstq --help`` loads it.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import textwrap
 import traceback
 from typing import TextIO
 
-from edge_agent.exit_codes import ExitCode, for_connect_refusal
+from common.exit_codes import ExitCode, for_connect_refusal
 
 __all__ = [
     "INTERRUPTED",
@@ -58,7 +58,7 @@ class CliError(Exception):
 #: importing those modules here would load pydantic, numpy or torch for ``fedfstq --help``.
 #: The first match wins, so subclasses come before their bases.
 _TYPED: tuple[tuple[str, str, ExitCode], ...] = (
-    ("broker.settings", "ConfigError", ExitCode.CONFIG),
+    ("common.settings", "ConfigError", ExitCode.CONFIG),
     ("fstq.errors", "ConfigError", ExitCode.CONFIG),
     ("workload.data", "DataError", ExitCode.DATA),
     ("workload.models", "ModelLoadError", ExitCode.MODEL),

@@ -27,10 +27,11 @@ from urllib.parse import urlparse
 from pydantic import SecretStr, ValidationError
 
 from broker.errors import ConnectError, ConnectRefusedError, SubscribeError
-from broker.settings import ConfigError, MqttSettings, read_toml
+from broker.settings import MqttSettings
 from broker.topics import observer_filters, validate_id
 from broker.transport import Message, Transport
-from edge_agent.exit_codes import ExitCode, for_connect_refusal
+from common.exit_codes import ExitCode, for_connect_refusal
+from common.settings import ConfigError, read_toml
 
 __all__ = [
     "ObserverError",
@@ -54,7 +55,7 @@ _CONNECTION_KEYS = (
 
 
 class ObserverError(Exception):
-    """Cannot observe: a one-line reason and the exit code (edge_agent.exit_codes numbers)."""
+    """Cannot observe: a one-line reason and the exit code (common.exit_codes numbers)."""
 
     def __init__(self, message: str, code: ExitCode) -> None:
         super().__init__(message)

@@ -52,7 +52,7 @@ def main(args: argparse.Namespace) -> int:
     import logging
     import time
 
-    from edge_agent.exit_codes import ExitCode
+    from common.exit_codes import ExitCode
     from fedfstq.fleet_view import FleetView
     from fedfstq.fleet_watch import FleetOutput, Mode, pump
     from fedfstq.observer import connect, drain, target

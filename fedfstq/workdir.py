@@ -12,7 +12,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from edge_agent.exit_codes import ExitCode
+from common.exit_codes import ExitCode
 from fedfstq.errors import CliError
 
 __all__ = ["MARKER", "claim_workdir"]

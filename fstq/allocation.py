@@ -1,4 +1,4 @@
-"""FSTQ bit allocation: error model, step prices, INT scales, and the paper's percentile bands.
+"""FSTQ bit allocation: error model, step prices, INT scales and allocation weights.
 
 Budget rule (decision 6, the paper's Lagrangian marginal rule). Coordinate ``j`` at level ``b``
 in ``{0, 2, 4, 16}`` has distortion ``D_j(b) = w_j * e_j(b)`` (``w`` = Fisher or 1,
@@ -24,23 +24,22 @@ INT scales (one per tensor and width, decision 7) are chosen before the full pas
   allocation assigns each width, and the encoder the absmax of the final assignment.
 * ``"group"``: paper section 2.4 literally: ``max_{j in g} |x_j| / q_max`` for both.
 
-Percentile rule (paper section 2.3): global bands on ``u = w * x**2`` over every coordinate of
-the update, with exact order statistics (numpy's ``method="lower"``); ``u = 0`` is never sent.
+The paper's percentile rule is the alternative, in :mod:`fstq.percentile`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Final, Literal, get_args
 
 import numpy as np
 import numpy.typing as npt
 
+from fstq.config import Rounding
+from fstq.errors import ConfigError
 from fstq.index_coding import rice_bits_per_index
 from fstq.ladder import (
-    HIST_BINS,
-    KEY_SHIFT,
     Boundary,
     bin_value,
     find_boundary,
@@ -50,21 +49,23 @@ from fstq.ladder import (
     price_histogram,
     spread,
 )
-from fstq.quantize import QMAX, Rounding, expected_sq_error
+from fstq.quantize import QMAX, expected_sq_error
+from fstq.sparse_codec import FSTQ_WIDTHS, TAG_BITS
 
 __all__ = [
-    "FSTQ_VALUE_BITS",
-    "TAG_BITS",
     "FstqPrices",
     "LevelCosts",
     "MagnitudePrices",
     "Policy",
     "Sample",
     "ScaleRule",
+    "Scales",
+    "allocation_weights",
+    "check_policy",
     "choose_scales",
+    "fstq_level_costs",
     "fstq_thresholds",
     "index_bits_estimate",
-    "percentile_levels",
     "policy_weights",
     "rescale_weights",
     "sample_update",
@@ -78,12 +79,32 @@ Policy = Literal["fisher", "uniform", "random"]
 ScaleRule = Literal["search", "absmax", "group"]
 Scales = tuple[float, float]  # (INT2 scale, INT4 scale)
 
-FSTQ_VALUE_BITS = (2, 4, 16)
-TAG_BITS = 2
-_SAMPLE_MIN = 512  # coordinates per tensor kept by the scale-search sample (at least)
-_PRIMES = (1, 2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31)
-_GRID4 = 2.0 ** (-np.arange(12) / 2)  # INT4 scale candidates x (group max / 7)
-_GRID2 = 2.0 ** (-np.arange(1, 16) / 2)  # INT2 scale candidates x group max
+_SAMPLE_MIN: Final = 512  # coordinates per tensor kept by the scale-search sample (at least)
+_PRIMES: Final = (1, 2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31)  # sample strides (see Sample)
+_GRID4: Final = 2.0 ** (-np.arange(12) / 2)  # INT4 scale candidates x (group max / 7)
+_GRID2: Final = 2.0 ** (-np.arange(1, 16) / 2)  # INT2 scale candidates x group max
+# index_bits_estimate: with no budget nothing is sent, so any cost does (a varint byte); the
+# fixed point stops moving within 25 steps over budgets of 1e-4 to 40 bits per coordinate.
+_NO_BUDGET_INDEX_BITS: Final = 8.0
+_INDEX_FIXED_POINT_STEPS: Final = 30
+
+
+def check_policy(policy: str, scale_rule: str) -> None:
+    """ConfigError unless ``policy`` is a :data:`Policy` and ``scale_rule`` a :data:`ScaleRule`."""
+    if policy not in get_args(Policy):
+        raise ConfigError(f"policy must be fisher, uniform or random, got {policy!r}")
+    if scale_rule not in get_args(ScaleRule):
+        raise ConfigError(f"scale_rule must be search, absmax or group, got {scale_rule!r}")
+
+
+def allocation_weights(
+    xs: Sequence[F32], fisher: Sequence[F32] | None, policy: Policy, rng: np.random.Generator
+) -> list[F32 | None]:
+    """Per-tensor distortion weights of ``policy`` (see :func:`policy_weights`), rescaled."""
+    fishers: Sequence[F32 | None] = fisher if fisher is not None else [None] * len(xs)
+    return rescale_weights(
+        [policy_weights(x, f, policy, rng) for x, f in zip(xs, fishers, strict=True)]
+    )
 
 
 def policy_weights(
@@ -137,13 +158,18 @@ class LevelCosts:
         return tuple(c[i + 1] - c[i] for i in range(len(self.value_bits)))
 
 
+def fstq_level_costs(index_bits: float) -> LevelCosts:
+    """Costs of the FSTQ ladder: INT2, INT4 and fp16 values, each with its tag and index."""
+    return LevelCosts(FSTQ_WIDTHS[1:], TAG_BITS, index_bits)
+
+
 def index_bits_estimate(bits_per_coord: float, value_bits: float) -> float:
     """Index bits per sent coordinate at the density a budget implies (cheapest support code)."""
     if bits_per_coord <= 0:
-        return 8.0
+        return _NO_BUDGET_INDEX_BITS
     density = min(1.0, bits_per_coord / value_bits)
     cost = 1.0
-    for _ in range(30):  # fixed point of density = budget / (value + index(density))
+    for _ in range(_INDEX_FIXED_POINT_STEPS):  # density = budget / (value + index(density))
         gap = 1.0 / max(density, 1e-12)
         varint_bytes = max(1, -(-int(np.log2(gap) + 1) // 7))
         cost = min(gap, 8.0 * varint_bytes, rice_bits_per_index(density))
@@ -389,47 +415,3 @@ def _best_factor(
         best_total[better] = total[better]
         best[better] = factor
     return best
-
-
-# --------------------------------------------------------------------------------------------
-# percentile bands
-
-
-def percentile_levels(
-    importance: Sequence[F32], percentiles: tuple[float, float, float]
-) -> list[U8]:
-    """Levels 1/2/3 (INT2/INT4/fp16) for ``u >= P_low/P_mid/P_high``; ``u = 0`` is never sent."""
-    n = sum(int(u.size) for u in importance)
-    if n == 0:
-        return [np.zeros(0, dtype=np.uint8) for _ in importance]
-    ranks = [int(np.floor(p / 100.0 * (n - 1))) for p in percentiles]
-    cuts = _order_statistics(importance, ranks)
-    out = []
-    for u in importance:
-        positive = u > 0
-        levels = (positive & (u >= cuts[0])).view(np.uint8)
-        levels += positive & (u >= cuts[1])
-        levels += positive & (u >= cuts[2])
-        out.append(levels)
-    return out
-
-
-def _keys(u: F32) -> npt.NDArray[np.int32]:
-    keys = u.view(np.int32).copy()
-    np.maximum(keys, 0, out=keys)  # -0.0 sorts as +0
-    return keys
-
-
-def _order_statistics(arrays: Sequence[F32], ranks: Sequence[int]) -> list[np.float32]:
-    """Exact k-th smallest values over several arrays (two-level histogram, then partition)."""
-    hist = np.zeros(HIST_BINS, dtype=np.int64)
-    for u in arrays:
-        hist += np.bincount(_keys(u) >> KEY_SHIFT, minlength=HIST_BINS)
-    below = np.cumsum(hist) - hist
-    found = []
-    for rank in ranks:
-        b = int(np.searchsorted(below, rank, side="right")) - 1
-        members = np.concatenate([k[(k >> KEY_SHIFT) == b] for k in map(_keys, arrays)])
-        kth = rank - int(below[b])
-        found.append(np.int32(np.partition(members, kth)[kth]).view(np.float32))
-    return found

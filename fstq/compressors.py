@@ -1,8 +1,14 @@
-"""Compressor objects for every uplink method (and ``decompress``, from :mod:`fstq.decoding`).
+"""The uplink compressors, one class per method, the interfaces they share, and the factory.
 
 Every method emits one self-describing payload (see :mod:`fstq.container`) whose bytes are fully
-accounted in a :class:`~fstq.accounting.ByteReport`. ``decompress(payload)`` reads any of them.
-Methods that do not use an argument (``fisher`` for the baselines) ignore it.
+accounted in a :class:`~fstq.accounting.ByteReport`; ``decompress(payload)`` (from
+:mod:`fstq.decoding`) reads any of them. :class:`Compressor` is what every method honours; the
+round's other inputs are capabilities of some methods only: an error-feedback residual
+(:class:`ErrorFeedbackCompressor`: fstq, topk) and the coordinate Fisher
+(:class:`FisherCompressor`: fstq). :func:`compress_round` hands one round's inputs to whichever
+method a device runs. FSTQ's plans come from :mod:`fstq.budget` (the fit to a byte budget, on
+the model of :mod:`fstq.allocation`) or :mod:`fstq.percentile`; Top-k's from :mod:`fstq.budget`.
+
 Nothing here mutates its inputs or does I/O; randomness comes from the ``rng`` argument (a fixed
 ``default_rng(0)`` when omitted, so results are reproducible but correlated across calls: pass a
 generator in training loops).
@@ -11,58 +17,29 @@ generator in training loops).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, overload
 
 import numpy as np
-import numpy.typing as npt
 import torch
 
-from fstq.accounting import ByteReport, PartCounter
+from fstq.accounting import ByteReport
 from fstq.allocation import (
-    FSTQ_VALUE_BITS,
-    TAG_BITS,
-    FstqPrices,
-    LevelCosts,
-    MagnitudePrices,
     Policy,
     ScaleRule,
-    choose_scales,
-    index_bits_estimate,
-    percentile_levels,
-    policy_weights,
-    rescale_weights,
-    sample_update,
+    Scales,
+    allocation_weights,
+    check_policy,
 )
-from fstq.budget import plans_at, plans_within, sample_target
+from fstq.budget import fstq_budget_plans, section_budget, topk_budget_plans, topk_count_plans
 from fstq.config import FstqConfig
-from fstq.container import (
-    CRC_BYTES,
-    METHOD_NAMES,
-    ByteWriter,
-    DecodeLimits,
-    Method,
-    TensorSpec,
-    table_size,
-    write_table,
-)
-from fstq.conversion import UpdateArrays, prepare_update, to_tensor
+from fstq.container import METHOD_NAMES, DecodeLimits, Method
+from fstq.conversion import prepare_update
 from fstq.decoding import decompress
-from fstq.dense_codec import encode_dense_section
-from fstq.errors import BudgetError, ConfigError
-from fstq.ladder import price_histogram
-from fstq.qsgd import (
-    encode_qsgd_section,
-    write_qsgd_params,
-)
-from fstq.quantize import Rounding
-from fstq.sparse_codec import (
-    FSTQ_WIDTHS,
-    TOPK_WIDTHS,
-    SparsePlan,
-    encode_section,
-    plan,
-)
+from fstq.dense_codec import DENSE_WIDTHS, encode_dense_section
+from fstq.encoding import CompressedUpdate, encode_sparse, finish_payload, start_payload
+from fstq.errors import ConfigError
+from fstq.percentile import percentile_plans
+from fstq.qsgd import encode_qsgd_section, write_qsgd_params
 
 __all__ = [
     "ByteReport",
@@ -70,40 +47,73 @@ __all__ = [
     "Compressor",
     "DecodeLimits",
     "DenseCompressor",
+    "ErrorFeedbackCompressor",
+    "FisherCompressor",
     "FstqCompressor",
     "QsgdCompressor",
     "TopkCompressor",
+    "compress_round",
     "decompress",
     "make_compressor",
 ]
 
-F32 = npt.NDArray[np.float32]
 _METHOD_IDS = {name: method for method, name in METHOD_NAMES.items()}
 
 
-@dataclass(frozen=True)
-class CompressedUpdate:
-    """One encoded update: payload bytes, their accounting, and the new EF residual."""
-
-    method: str
-    payload: bytes
-    report: ByteReport
-    residual: dict[str, torch.Tensor] | None  # float32; None when error feedback is off
-
-
 class Compressor(Protocol):
-    """What every uplink method implements."""
+    """What every uplink method honours: a delta in, one payload of at most ``budget_bytes``.
 
-    method: str
+    Methods that cannot adapt their size (dense, QSGD, fstq's percentile bands, Top-k by
+    fraction) only check a given budget: :class:`~fstq.errors.BudgetError` when it is exceeded.
+    """
+
+    @property
+    def method(self) -> str:
+        """The method name on the wire (:data:`~fstq.container.METHOD_NAMES`)."""
+        ...
+
+    @property
+    def error_feedback(self) -> bool:
+        """Whether ``compress`` takes a residual and returns the new one (then it is an
+        :class:`ErrorFeedbackCompressor`)."""
+        ...
 
     def compress(
         self,
         delta: Mapping[str, torch.Tensor],
         *,
-        fisher: Mapping[str, torch.Tensor] | None = None,
         budget_bytes: int | None = None,
-        residual: Mapping[str, torch.Tensor] | None = None,
         rng: np.random.Generator | None = None,
+    ) -> CompressedUpdate: ...
+
+
+class ErrorFeedbackCompressor(Compressor, Protocol):
+    """fstq and topk: ``compress`` sends ``delta + residual`` and returns what it left out.
+
+    ``residual`` must be None unless :attr:`error_feedback` is on (ConfigError).
+    """
+
+    def compress(
+        self,
+        delta: Mapping[str, torch.Tensor],
+        *,
+        budget_bytes: int | None = None,
+        rng: np.random.Generator | None = None,
+        residual: Mapping[str, torch.Tensor] | None = None,
+    ) -> CompressedUpdate: ...
+
+
+class FisherCompressor(ErrorFeedbackCompressor, Protocol):
+    """fstq: ``compress`` also takes the round's coordinate Fisher to weigh the allocation."""
+
+    def compress(
+        self,
+        delta: Mapping[str, torch.Tensor],
+        *,
+        budget_bytes: int | None = None,
+        rng: np.random.Generator | None = None,
+        fisher: Mapping[str, torch.Tensor] | None = None,
+        residual: Mapping[str, torch.Tensor] | None = None,
     ) -> CompressedUpdate: ...
 
 
@@ -113,45 +123,6 @@ class Compressor(Protocol):
 
 def _rng(rng: np.random.Generator | None) -> np.random.Generator:
     return rng if rng is not None else np.random.default_rng(0)
-
-
-def _fixed_bytes(specs: list[TensorSpec], params: int = 0) -> int:
-    return table_size(specs) + params + CRC_BYTES
-
-
-def _start(method: Method, update: UpdateArrays) -> tuple[ByteWriter, PartCounter]:
-    out = ByteWriter()
-    parts = PartCounter(n_coords=update.n_coords)
-    parts.header += write_table(out, method, update.specs)
-    return out, parts
-
-
-def _finish(
-    method: Method,
-    out: ByteWriter,
-    parts: PartCounter,
-    update: UpdateArrays,
-    decoded: list[F32] | None,
-    budget_bytes: int | None,
-) -> CompressedUpdate:
-    payload = out.finish()
-    parts.header += CRC_BYTES
-    report = parts.report()
-    if report.total != len(payload):
-        raise AssertionError(f"accounted {report.total} bytes, payload has {len(payload)}")
-    if budget_bytes is not None and len(payload) > budget_bytes:
-        raise BudgetError(
-            f"{METHOD_NAMES[method]} needs {len(payload)} bytes, budget is {budget_bytes}"
-        )
-    residual = None
-    if decoded is not None:
-        residual = {}
-        for spec, x, d in zip(update.specs, update.values, decoded, strict=True):
-            # Round through the output dtype so decompress(payload) + residual == x exactly
-            # up to float32 rounding, whatever the tensor's dtype.
-            seen = to_tensor(d, spec).to(torch.float32).reshape(-1).numpy()
-            residual[spec.name] = torch.from_numpy(x - seen).reshape(spec.shape)
-    return CompressedUpdate(METHOD_NAMES[method], payload, report, residual)
 
 
 def _no_residual(method: str, residual: Mapping[str, torch.Tensor] | None) -> None:
@@ -171,31 +142,31 @@ def _check_budget(budget_bytes: int | None) -> None:
 class DenseCompressor:
     """Raw fp32 or fp16 values (fp16 clamps to the finite half range). A budget is only checked."""
 
+    error_feedback = False
+
     def __init__(self, dtype: Literal["fp32", "fp16"]) -> None:
         if dtype not in ("fp32", "fp16"):
             raise ConfigError(f"dense dtype must be 'fp32' or 'fp16', got {dtype!r}")
         self.method = f"dense_{dtype}"
         self._id = _METHOD_IDS[self.method]
-        self._width = 32 if dtype == "fp32" else 16
+        self._width = DENSE_WIDTHS[self._id]
 
     def compress(
         self,
         delta: Mapping[str, torch.Tensor],
         *,
-        fisher: Mapping[str, torch.Tensor] | None = None,
         budget_bytes: int | None = None,
-        residual: Mapping[str, torch.Tensor] | None = None,
         rng: np.random.Generator | None = None,
     ) -> CompressedUpdate:
-        _no_residual(self.method, residual)
+        """Every coordinate at the dense width; ``rng`` is unused (rounding is to nearest)."""
         _check_budget(budget_bytes)
         update = prepare_update(delta)
-        out, parts = _start(self._id, update)
+        out, parts = start_payload(self._id, update)
         for x in update.values:
             encode_dense_section(out, parts, x, self._width)
         parts.n_sent = update.n_coords
         parts.bits[self._width] = update.n_coords
-        return _finish(self._id, out, parts, update, None, budget_bytes)
+        return finish_payload(self._id, out, parts, update, None, budget_bytes)
 
 
 class QsgdCompressor:
@@ -205,6 +176,7 @@ class QsgdCompressor:
     """
 
     method = "qsgd"
+    error_feedback = False
 
     def __init__(self, bits: int = 4, bucket_size: int = 512) -> None:
         if not 2 <= bits <= 8:
@@ -218,63 +190,24 @@ class QsgdCompressor:
         self,
         delta: Mapping[str, torch.Tensor],
         *,
-        fisher: Mapping[str, torch.Tensor] | None = None,
         budget_bytes: int | None = None,
-        residual: Mapping[str, torch.Tensor] | None = None,
         rng: np.random.Generator | None = None,
     ) -> CompressedUpdate:
-        _no_residual(self.method, residual)
+        """Every coordinate stochastically rounded to its bucket's levels (draws from ``rng``)."""
         _check_budget(budget_bytes)
         update = prepare_update(delta)
         gen = _rng(rng)
-        out, parts = _start(Method.QSGD, update)
+        out, parts = start_payload(Method.QSGD, update)
         parts.header += write_qsgd_params(out, self.bits, self.bucket_size)
         for x in update.values:
             encode_qsgd_section(out, parts, x, self.bits, self.bucket_size, gen)
         parts.n_sent = update.n_coords
         parts.bits[self.bits] = update.n_coords
-        return _finish(Method.QSGD, out, parts, update, None, budget_bytes)
+        return finish_payload(Method.QSGD, out, parts, update, None, budget_bytes)
 
 
 # --------------------------------------------------------------------------------------------
 # sparse methods
-
-
-def _encode_sparse(
-    method: Method,
-    update: UpdateArrays,
-    plans: list[SparsePlan],
-    rng: np.random.Generator,
-    *,
-    rounding: Rounding = "nearest",
-    scales: list[tuple[float, float]] | None = None,
-    keep_decoded: bool,
-    budget_bytes: int | None,
-) -> CompressedUpdate:
-    out, parts = _start(method, update)
-    decoded: list[F32] = []
-    widths = FSTQ_WIDTHS if method is Method.FSTQ else TOPK_WIDTHS
-    for i, (x, p) in enumerate(zip(update.values, plans, strict=True)):
-        vals = encode_section(
-            out, parts, x, p, rounding, rng, None if scales is None else scales[i]
-        )
-        if keep_decoded:
-            dense = np.zeros(x.size, dtype=np.float32)
-            dense[p.support] = vals
-            decoded.append(dense)
-        parts.n_sent += p.k
-        parts.bits[0] += p.n - p.k
-        for width, count in zip(widths[1:], p.counts[-(len(widths) - 1) :], strict=True):
-            parts.bits[width] += count
-    return _finish(method, out, parts, update, decoded if keep_decoded else None, budget_bytes)
-
-
-def _min_bytes(specs: list[TensorSpec], budget_bytes: int) -> int:
-    """Bytes left for sections; BudgetError if even empty sections do not fit."""
-    fixed = _fixed_bytes(specs)
-    if budget_bytes < fixed + len(specs):  # an empty section is a one-byte head
-        raise BudgetError(f"budget {budget_bytes} B is below the minimal {fixed + len(specs)} B")
-    return budget_bytes - fixed
 
 
 class FstqCompressor:
@@ -296,23 +229,29 @@ class FstqCompressor:
         policy: Policy = "fisher",
         scale_rule: ScaleRule = "search",
     ) -> None:
-        if policy not in ("fisher", "uniform", "random"):
-            raise ConfigError(f"policy must be fisher, uniform or random, got {policy!r}")
-        if scale_rule not in ("search", "absmax", "group"):
-            raise ConfigError(f"scale_rule must be search, absmax or group, got {scale_rule!r}")
+        check_policy(policy, scale_rule)
         self.config = config
         self.policy: Policy = policy
         self.scale_rule: ScaleRule = scale_rule
+
+    @property
+    def error_feedback(self) -> bool:
+        return self.config.error_feedback
 
     def compress(
         self,
         delta: Mapping[str, torch.Tensor],
         *,
-        fisher: Mapping[str, torch.Tensor] | None = None,
         budget_bytes: int | None = None,
-        residual: Mapping[str, torch.Tensor] | None = None,
         rng: np.random.Generator | None = None,
+        fisher: Mapping[str, torch.Tensor] | None = None,
+        residual: Mapping[str, torch.Tensor] | None = None,
     ) -> CompressedUpdate:
+        """Allocate bits by ``fisher``-weighted importance (None: all ones), then encode.
+
+        ``budget_bytes`` is required with ``allocation="budget"``; ``residual`` needs
+        ``error_feedback=True``.
+        """
         cfg = self.config
         _check_budget(budget_bytes)
         if not cfg.error_feedback:
@@ -321,29 +260,17 @@ class FstqCompressor:
             raise ConfigError("fstq allocation='budget' needs budget_bytes")
         update = prepare_update(delta, residual=residual, fisher=fisher)
         gen = _rng(rng)
-        fishers: list[F32 | None] = (
-            list(update.fisher) if update.fisher is not None else [None] * len(update.values)
-        )
-        weights = rescale_weights(
-            [
-                policy_weights(x, f, self.policy, gen)
-                for x, f in zip(update.values, fishers, strict=True)
-            ]
-        )
+        weights = allocation_weights(update.values, update.fisher, self.policy, gen)
+        scales: list[Scales] | None = None
         if cfg.allocation == "percentile":
-            importance = [
-                np.square(x) if w is None else np.square(x) * w
-                for x, w in zip(update.values, weights, strict=True)
-            ]
-            levels = percentile_levels(importance, cfg.percentiles)
-            plans = [plan(lv, tagged=True) for lv in levels]
-            scales = None
+            plans = percentile_plans(update.values, weights, cfg.percentiles)
         else:
             assert budget_bytes is not None
-            plans, scales = self._budget_plans(
-                update, weights, _min_bytes(update.specs, budget_bytes)
+            avail = section_budget(update.specs, budget_bytes)
+            plans, scales = fstq_budget_plans(
+                update.values, weights, avail, cfg.rounding, self.scale_rule
             )
-        return _encode_sparse(
+        return encode_sparse(
             Method.FSTQ,
             update,
             plans,
@@ -353,27 +280,6 @@ class FstqCompressor:
             keep_decoded=cfg.error_feedback,
             budget_bytes=budget_bytes,
         )
-
-    def _budget_plans(
-        self, update: UpdateArrays, weights: list[F32 | None], avail: int
-    ) -> tuple[list[SparsePlan], list[tuple[float, float]]]:
-        xs = update.values
-        rounding = self.config.rounding
-        bits_per_coord = 8.0 * avail / max(update.n_coords, 1)
-        # Index cost estimate at the density the budget implies if most sends were INT4 + tag.
-        costs = LevelCosts(FSTQ_VALUE_BITS, TAG_BITS, index_bits_estimate(bits_per_coord, 6.0))
-        # First target: section heads (1 B) and INT scales (<= 8 B) are outside the model.
-        target = 8.0 * (avail - 9 * len(xs))
-        sample = sample_update(xs, weights)
-        scales = choose_scales(sample, costs, rounding, target, self.scale_rule)
-        steps = costs.step_bits()
-        # Where the budget lands is estimated on the sample, then fitted on the full update.
-        sample_src = FstqPrices(sample.xs, sample.weights, scales, costs, rounding)
-        target, counts = sample_target(
-            sample_src, sample.strides, sample.sizes, steps, avail, target, tagged=True
-        )
-        src = FstqPrices(xs, weights, scales, costs, rounding)
-        return plans_within(src, counts, steps, avail, target, tagged=True), scales
 
 
 class TopkCompressor:
@@ -396,29 +302,23 @@ class TopkCompressor:
         self,
         delta: Mapping[str, torch.Tensor],
         *,
-        fisher: Mapping[str, torch.Tensor] | None = None,
         budget_bytes: int | None = None,
-        residual: Mapping[str, torch.Tensor] | None = None,
         rng: np.random.Generator | None = None,
+        residual: Mapping[str, torch.Tensor] | None = None,
     ) -> CompressedUpdate:
+        """Send the largest magnitudes of ``delta + residual``; ``rng`` is unused."""
         _check_budget(budget_bytes)
         if not self.error_feedback:
             _no_residual("topk with error_feedback=False", residual)
         if budget_bytes is None and self.fraction is None:
             raise ConfigError("topk needs budget_bytes or a fraction")
         update = prepare_update(delta, residual=residual)
-        src = MagnitudePrices(update.values)
         if budget_bytes is not None:
-            avail = _min_bytes(update.specs, budget_bytes)
-            bits_per_coord = 8.0 * avail / max(update.n_coords, 1)
-            step = 16.0 + index_bits_estimate(bits_per_coord, 16.0)
-            target = 8.0 * (avail - len(update.specs))
-            plans = plans_within(src, price_histogram(src), (step,), avail, target, tagged=False)
+            plans = topk_budget_plans(update.values, section_budget(update.specs, budget_bytes))
         else:
             assert self.fraction is not None
-            k = round(self.fraction * update.n_coords)
-            plans = plans_at(src, price_histogram(src), (1.0,), float(k), tagged=False)
-        return _encode_sparse(
+            plans = topk_count_plans(update.values, round(self.fraction * update.n_coords))
+        return encode_sparse(
             Method.TOPK,
             update,
             plans,
@@ -429,9 +329,40 @@ class TopkCompressor:
 
 
 # --------------------------------------------------------------------------------------------
-# factory
+# a round's inputs, and the factory
 
 
+def compress_round(
+    compressor: Compressor,
+    delta: Mapping[str, torch.Tensor],
+    *,
+    fisher: Mapping[str, torch.Tensor] | None = None,
+    residual: Mapping[str, torch.Tensor] | None = None,
+    budget_bytes: int | None = None,
+    rng: np.random.Generator | None = None,
+) -> CompressedUpdate:
+    """Compress one round's ``delta`` with whichever method a device runs.
+
+    ``fisher`` goes to the methods that weigh by it (fstq) and the others do without it;
+    ``residual`` goes to the methods with error feedback, and is a ConfigError for the others.
+    A caller that knows its method calls ``compress`` directly.
+    """
+    if isinstance(compressor, FstqCompressor):
+        return compressor.compress(
+            delta, budget_bytes=budget_bytes, rng=rng, fisher=fisher, residual=residual
+        )
+    if isinstance(compressor, TopkCompressor):
+        return compressor.compress(delta, budget_bytes=budget_bytes, rng=rng, residual=residual)
+    _no_residual(compressor.method, residual)
+    return compressor.compress(delta, budget_bytes=budget_bytes, rng=rng)
+
+
+@overload
+def make_compressor(method: Literal["fstq"], **options: Any) -> FstqCompressor: ...
+@overload
+def make_compressor(method: Literal["topk"], **options: Any) -> TopkCompressor: ...
+@overload
+def make_compressor(method: str, **options: Any) -> Compressor: ...
 def make_compressor(method: str, **options: Any) -> Compressor:
     """Build a compressor by method name (for CLIs): fstq, dense_fp32, dense_fp16, qsgd, topk.
 

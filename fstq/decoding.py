@@ -14,7 +14,7 @@ import torch
 
 from fstq.container import ByteReader, DecodeLimits, Method, open_payload
 from fstq.conversion import to_tensor
-from fstq.dense_codec import decode_dense_section
+from fstq.dense_codec import DENSE_WIDTHS, decode_dense_section
 from fstq.errors import DecodeError
 from fstq.qsgd import decode_qsgd_section, read_qsgd_params
 from fstq.sparse_codec import decode_section
@@ -64,10 +64,8 @@ def _decompress(payload: bytes, limits: DecodeLimits) -> dict[str, torch.Tensor]
 def _decode_one(
     reader: ByteReader, method: Method, n: int, bits: int, bucket: int, name: str
 ) -> F32:
-    if method is Method.DENSE_FP32:
-        return decode_dense_section(reader, n, 32, name)
-    if method is Method.DENSE_FP16:
-        return decode_dense_section(reader, n, 16, name)
+    if method in DENSE_WIDTHS:
+        return decode_dense_section(reader, n, DENSE_WIDTHS[method], name)
     if method is Method.QSGD:
         return decode_qsgd_section(reader, n, bits, bucket, name)
     return decode_section(reader, n, tagged=method is Method.FSTQ, name=name)

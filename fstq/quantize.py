@@ -13,15 +13,17 @@ Rounding is to nearest (ties to even) or unbiased stochastic: ``q = floor(v/s + 
 from __future__ import annotations
 
 import sys
-from typing import Literal
+from typing import Final
 
 import numpy as np
 import numpy.typing as npt
 import torch
 
+from fstq.config import Rounding
 from fstq.errors import DecodeError
 
 __all__ = [
+    "FP16_BITS",
     "FP16_MAX",
     "QMAX",
     "absmax_scale",
@@ -32,15 +34,14 @@ __all__ = [
     "half_bytes",
     "half_to_f32",
     "quantize_codes",
-    "round_to_fp16",
     "to_half",
 ]
 
 F32 = npt.NDArray[np.float32]
 U8 = npt.NDArray[np.uint8]
-Rounding = Literal["nearest", "stochastic"]
 
 QMAX: dict[int, int] = {2: 1, 4: 7}  # symmetric q_max = 2**(b-1) - 1 (paper section 2.4)
+FP16_BITS: Final = 16  # IEEE half: the unquantised width of every method
 FP16_MAX = 65504.0  # largest finite IEEE half; larger magnitudes are clamped, never sent as inf
 _LITTLE = sys.byteorder == "little"
 
@@ -141,11 +142,6 @@ def half_to_f32(half: npt.NDArray[np.float16]) -> F32:
 def half_bytes(half: npt.NDArray[np.float16]) -> U8:
     """Little-endian bytes of IEEE halves."""
     return (half if _LITTLE else half.byteswap()).view(np.uint8)
-
-
-def round_to_fp16(values: F32) -> F32:
-    """What an fp16 value decodes to, as float32 (clamped to the finite fp16 range)."""
-    return half_to_f32(to_half(values))
 
 
 def fp16_to_bytes(values: F32) -> U8:

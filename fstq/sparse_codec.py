@@ -20,12 +20,14 @@ assigned that width over q_max (decision 7); values beyond ``q_max * scale`` cli
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Final
 
 import numpy as np
 import numpy.typing as npt
 
 from fstq.accounting import PartCounter
 from fstq.bitpack import pack_codes, packed_size, unpack_codes, varint_size
+from fstq.config import Rounding
 from fstq.container import ByteReader, ByteWriter
 from fstq.errors import DecodeError
 from fstq.index_coding import (
@@ -37,8 +39,8 @@ from fstq.index_coding import (
     rice_bits_per_index,
 )
 from fstq.quantize import (
+    FP16_BITS,
     QMAX,
-    Rounding,
     absmax_scale,
     dequantize_codes,
     fp16_from_bytes,
@@ -49,7 +51,12 @@ from fstq.quantize import (
 )
 
 __all__ = [
+    "EMPTY_SECTION_BYTES",
     "FSTQ_WIDTHS",
+    "INT2_BITS",
+    "INT4_BITS",
+    "SCALE_BYTES",
+    "TAG_BITS",
     "TOPK_WIDTHS",
     "SparsePlan",
     "SparseSection",
@@ -64,10 +71,19 @@ F32 = npt.NDArray[np.float32]
 U8 = npt.NDArray[np.uint8]
 I64 = npt.NDArray[np.int64]
 
-FSTQ_WIDTHS = (0, 2, 4, 16)  # level -> bits; tag = level - 1
-TOPK_WIDTHS = (0, 16)
-_TAG_BITS = 2
-_SCALE_BYTES = 4
+INT2_BITS: Final = 2  # paper section 2.4: the two integer widths of the ladder
+INT4_BITS: Final = 4
+FSTQ_WIDTHS: Final = (0, INT2_BITS, INT4_BITS, FP16_BITS)  # value bits per level; tag = level-1
+TOPK_WIDTHS: Final = (0, FP16_BITS)  # Top-k sends fp16 values, untagged
+TAG_BITS: Final = 2  # three precisions (INT2, INT4, fp16) need two bits; tag 3 is invalid
+SCALE_BYTES: Final = 4  # one float32 scale per INT width a section uses
+EMPTY_SECTION_BYTES: Final = 1  # an empty section is its one-byte head (mode EMPTY)
+# Sizing a plan from a sample (estimated_bytes): a head varint is at most 3 bytes for the index
+# sections of LoRA-sized tensors (< 2**19 bytes); a varint gap takes a 2nd byte from 2**7 and a
+# 3rd from 2**14.
+_HEAD_BYTES_ESTIMATE: Final = 3.0
+_VARINT_2ND_BYTE_GAP: Final = 1 << 7
+_VARINT_3RD_BYTE_GAP: Final = 1 << 14
 
 
 @dataclass
@@ -112,17 +128,17 @@ class SparsePlan:
 
     @property
     def tag_bytes(self) -> int:
-        return packed_size(self.k, _TAG_BITS) if self.tagged else 0
+        return packed_size(self.k, TAG_BITS) if self.tagged else 0
 
     @property
     def scale_bytes(self) -> int:
         k2, k4, _ = self.counts
-        return _SCALE_BYTES * ((k2 > 0) + (k4 > 0))
+        return SCALE_BYTES * ((k2 > 0) + (k4 > 0))
 
     @property
     def value_bytes(self) -> int:
         k2, k4, k16 = self.counts
-        return packed_size(k2, 2) + packed_size(k4, 4) + 2 * k16
+        return packed_size(k2, INT2_BITS) + packed_size(k4, INT4_BITS) + packed_size(k16, FP16_BITS)
 
     @property
     def elastic(self) -> int:
@@ -153,15 +169,16 @@ def estimated_bytes(
     k2, k4, k16 = counts
     k = k2 + k4 + k16
     if k <= 0:
-        return 1.0, 0.0
+        return float(EMPTY_SECTION_BYTES), 0.0
     p = min(1.0, k / max(n, 1))
-    coded = k * min(1 + (1 - p) ** 128 + (1 - p) ** 16384, rice_bits_per_index(p) / 8)
+    varint = 1 + (1 - p) ** _VARINT_2ND_BYTE_GAP + (1 - p) ** _VARINT_3RD_BYTE_GAP
+    coded = k * min(varint, rice_bits_per_index(p) / 8)
     bitmap = (n + 7) // 8
-    tags = k / 4 if tagged else 0.0
-    values = k2 / 4 + k4 / 2 + 2 * k16
-    scales = _SCALE_BYTES * ((k2 > 0) + (k4 > 0))
+    tags = k * TAG_BITS / 8 if tagged else 0.0
+    values = k2 * INT2_BITS / 8 + k4 * INT4_BITS / 8 + k16 * FP16_BITS / 8
+    scales = SCALE_BYTES * ((k2 > 0) + (k4 > 0))
     elastic = tags + values + (coded if coded < bitmap else 0.0)
-    return 3.0 + min(coded, bitmap) + tags + values + scales, elastic
+    return _HEAD_BYTES_ESTIMATE + min(coded, bitmap) + tags + values + scales, elastic
 
 
 def _head_value(mode: IndexMode, index_bytes: int) -> int:
@@ -215,10 +232,10 @@ def encode_section(
         return half_to_f32(half)
     tags = np.take(p.levels, p.support)
     tags -= 1
-    parts.tags += out.raw(pack_codes(tags, _TAG_BITS))
+    parts.tags += out.raw(pack_codes(tags, TAG_BITS))
     decoded = np.empty(p.k, dtype=np.float32)
     packed: list[U8] = []
-    for tag, width in ((0, 2), (1, 4)):
+    for tag, width in enumerate((INT2_BITS, INT4_BITS)):
         pos = _positions(tags, tag)
         if pos.size == 0:
             continue
@@ -257,7 +274,7 @@ class SparseSection:
             out[self.support] = self.fp16
             return out
         values = np.empty(self.support.size, dtype=np.float32)
-        for tag, codes, width in ((0, self.int2, 2), (1, self.int4, 4)):
+        for tag, codes, width in ((0, self.int2, INT2_BITS), (1, self.int4, INT4_BITS)):
             values[_positions(self.tags, tag)] = dequantize_codes(
                 codes, self.scales[tag], QMAX[width]
             )
@@ -288,10 +305,10 @@ def parse_section(reader: ByteReader, n: int, *, tagged: bool, name: str) -> Spa
     support = decode_support(mode, data, n)
     k = int(support.size)
     if not tagged:
-        fp16 = fp16_from_bytes(reader.take(2 * k, f"{name}: fp16 values"))
+        fp16 = fp16_from_bytes(reader.take(packed_size(k, FP16_BITS), f"{name}: fp16 values"))
         none = np.zeros(0, dtype=np.uint8)
         return SparseSection(n, support, None, (np.float32(0), np.float32(0)), none, none, fp16)
-    tags = unpack_codes(reader.take(packed_size(k, _TAG_BITS), f"{name}: tags"), k, _TAG_BITS)
+    tags = unpack_codes(reader.take(packed_size(k, TAG_BITS), f"{name}: tags"), k, TAG_BITS)
     if k and int(tags.max()) == 3:
         raise DecodeError(f"{name}: invalid precision tag 3")
     counts = [int(np.count_nonzero(tags == tag)) for tag in (0, 1)]
@@ -302,12 +319,12 @@ def parse_section(reader: ByteReader, n: int, *, tagged: bool, name: str) -> Spa
             raise DecodeError(f"{name}: invalid scale {raw}")
         scales.append(np.float32(raw))
     codes = []
-    for count, width in zip(counts, (2, 4), strict=True):
+    for count, width in zip(counts, (INT2_BITS, INT4_BITS), strict=True):
         buf = reader.take(packed_size(count, width), f"{name}: INT{width}")
         c = unpack_codes(buf, count, width)
         if count and int(c.max()) > 2 * QMAX[width]:
             raise DecodeError(f"{name}: INT{width} code out of range")
         codes.append(c)
     k16 = k - counts[0] - counts[1]
-    fp16 = fp16_from_bytes(reader.take(2 * k16, f"{name}: fp16 values"))
+    fp16 = fp16_from_bytes(reader.take(packed_size(k16, FP16_BITS), f"{name}: fp16 values"))
     return SparseSection(n, support, tags, (scales[0], scales[1]), codes[0], codes[1], fp16)

@@ -1,6 +1,6 @@
 """Fed-FSTQ on the training side: token-masked loss, token-score refresh and coordinate Fisher,
-for a plain PyTorch loop (:class:`FstqTrainingHook`) or a ``transformers.Trainer``
-(:class:`FstqTrainerCallback`, a thin adapter over the same hook).
+for a plain PyTorch loop (:class:`FstqTrainingHook`; for a ``transformers.Trainer``, the
+adapter over the same hook is :class:`fstq.trainer_callback.FstqTrainerCallback`).
 
 One round on a device::
 
@@ -12,6 +12,7 @@ One round on a device::
         hook.after_backward()             # token-score refresh (refresh steps) + Fisher EMA
         opt.step(); opt.zero_grad()
     delta, fisher = hook.end_round()      # keyed like peft.get_peft_model_state_dict
+    update = FstqCompressor(config).compress(delta, fisher=fisher, budget_bytes=...)
 
 Schedule (decision 4): local step ``s`` is a refresh step iff ``s % refresh_every == 0`` (so step 0
 is one). On a refresh step the loss is the full loss over all targets and ``g_i = ||dL/de_i||^2``
@@ -24,10 +25,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
-from transformers import TrainerCallback
 
 from fstq.adapter_state import (
     adapter_name_of,
@@ -47,13 +47,7 @@ from fstq.token_scores import (
     valid_targets,
 )
 
-if TYPE_CHECKING:  # the codec is only imported when compress() is called
-    import numpy as np
-
-    from fstq.compressors import CompressedUpdate, Compressor
-
 __all__ = [
-    "FstqTrainerCallback",
     "FstqTrainingHook",
     "RoundStats",
     "RoundUpdate",
@@ -142,7 +136,6 @@ class FstqTrainingHook:
         self._pending: list[_Capture] = []
         self._handle: torch.utils.hooks.RemovableHandle | None = None
         self._stats = RoundStats()
-        self._last_update: RoundUpdate | None = None
         self.last_token_grad_sq: list[torch.Tensor] = []  # raw g per micro-batch, last refresh
 
     # -- schedule --------------------------------------------------------------------------------
@@ -189,7 +182,6 @@ class FstqTrainingHook:
         delta = {key: (after[key].float() - self._before[key].float()).cpu() for key in after}
         update = RoundUpdate(delta=delta, fisher=self._fisher.values())
         self.close()
-        self._last_update = update
         return update
 
     def close(self) -> None:
@@ -267,35 +259,6 @@ class FstqTrainingHook:
             s.steps + 1, s.refresh_steps + int(refresh), s.targets_total, s.targets_kept
         )
 
-    def compress(
-        self,
-        compressor: Compressor | None = None,
-        *,
-        budget_bytes: int | None = None,
-        residual: Mapping[str, torch.Tensor] | None = None,
-        rng: np.random.Generator | None = None,
-    ) -> CompressedUpdate:
-        """Compress the last finished round's delta, weighted by its Fisher.
-
-        ``compressor`` defaults to ``fstq.compressors.FstqCompressor(self.config)``; the other
-        arguments go to its ``compress`` unchanged.
-        """
-        if self._last_update is None:
-            raise FstqError("compress needs a finished round: call end_round first")
-        if compressor is None:
-            # Imported here: training does not need the codec unless asked to compress.
-            from fstq.compressors import FstqCompressor
-
-            compressor = FstqCompressor(self.config)
-        update = self._last_update
-        return compressor.compress(
-            update.delta,
-            fisher=update.fisher,
-            budget_bytes=budget_bytes,
-            residual=residual,
-            rng=rng,
-        )
-
     # -- internals -------------------------------------------------------------------------------
     def _on_embedding(self, module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
         """Forward hook on the input embedding: capture ``dL/de`` of an armed refresh forward."""
@@ -328,93 +291,3 @@ def _grad_reader(capture: _Capture) -> Any:
         capture.add_grad(grad)
 
     return read
-
-
-class FstqTrainerCallback(TrainerCallback):
-    """:class:`FstqTrainingHook` for ``transformers.Trainer``: one ``train()`` call is one round.
-
-    * ``on_train_begin``: ``begin_round`` and a forward pre-hook on ``model`` that rewrites
-      ``labels`` on masked steps (training forwards with labels only; evaluation is untouched).
-    * ``on_pre_optimizer_step``: ``after_backward`` (gradients exist there; note the Trainer has
-      already clipped them when ``max_grad_norm > 0``, so the Fisher sees the clipped gradient).
-    * ``on_train_end``: ``end_round``; the result is in :attr:`update` (``delta``, ``fisher``).
-
-    When the Trainer passes ``num_items_in_batch`` (token-count loss normalisation), the count is
-    scaled by kept/valid targets of the micro-batch so the loss stays a mean over kept tokens
-    (exact without gradient accumulation; with it, exact if every micro-batch keeps the same share).
-    """
-
-    def __init__(
-        self,
-        model: Any,
-        config: FstqConfig,
-        token_scores: TokenScores,
-        *,
-        adapter_name: str | None = None,
-        generator: torch.Generator | None = None,
-    ) -> None:
-        self.hook = FstqTrainingHook(
-            model, config, token_scores, adapter_name=adapter_name, generator=generator
-        )
-        self.update: RoundUpdate | None = None
-        self._pre_handle: torch.utils.hooks.RemovableHandle | None = None
-
-    @property
-    def delta(self) -> dict[str, torch.Tensor]:
-        """Adapter delta of the finished round."""
-        return self._finished().delta
-
-    @property
-    def fisher(self) -> dict[str, torch.Tensor]:
-        """Coordinate Fisher of the finished round."""
-        return self._finished().fisher
-
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.update = None
-        self.hook.begin_round()
-        self._pre_handle = self.hook.model.register_forward_pre_hook(
-            self._rewrite_labels, with_kwargs=True
-        )
-
-    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.hook.active:
-            self.hook.after_backward()
-
-    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self._pre_handle is not None:
-            self._pre_handle.remove()
-            self._pre_handle = None
-        if self.hook.active:
-            self.update = self.hook.end_round()
-
-    def _rewrite_labels(
-        self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-        labels = kwargs.get("labels")
-        if (
-            labels is None
-            or not module.training
-            or not torch.is_grad_enabled()
-            or not self.hook.active
-        ):
-            return None
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        if not isinstance(input_ids, torch.Tensor):
-            raise FstqError("FstqTrainerCallback needs input_ids (inputs_embeds is not supported)")
-        if kwargs.get("shift_labels") is not None:
-            raise FstqError("FstqTrainerCallback cannot mask pre-shifted labels (shift_labels)")
-        new_labels = self.hook.prepare_labels(input_ids, labels, kwargs.get("attention_mask"))
-        if new_labels is labels:
-            return None
-        new_kwargs = {**kwargs, "labels": new_labels}
-        num_items = kwargs.get("num_items_in_batch")
-        if num_items is not None:
-            valid = valid_targets(labels).sum()
-            kept = valid_targets(new_labels).sum()
-            new_kwargs["num_items_in_batch"] = num_items * kept / valid.clamp_min(1)
-        return args, new_kwargs
-
-    def _finished(self) -> RoundUpdate:
-        if self.update is None:
-            raise FstqError("no finished round: train() has not ended yet")
-        return self.update

@@ -10,31 +10,28 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("fstq", "broker", "workload", "edge_agent", "aggregator", "evaluation", "fedfstq")
+PACKAGES = (
+    "fstq",
+    "common",
+    "broker",
+    "workload",
+    "edge_agent",
+    "aggregator",
+    "evaluation",
+    "fedfstq",
+)
+
+HEAVY = {"torch", "transformers", "peft"}
+MQTT = {"paho", "msgpack"}
+PROJECT = set(PACKAGES)
 
 # package -> top-level modules it must never import
 FORBIDDEN: dict[str, set[str]] = {
-    "fstq": {
-        "paho",
-        "msgpack",
-        "broker",
-        "workload",
-        "edge_agent",
-        "aggregator",
-        "evaluation",
-        "fedfstq",
-    },
-    "broker": {
-        "torch",
-        "transformers",
-        "peft",
-        "fstq",
-        "workload",
-        "edge_agent",
-        "aggregator",
-        "evaluation",
-        "fedfstq",
-    },
+    # The algorithm stays free of service concerns (settings, signals, exit codes, files).
+    "fstq": MQTT | PROJECT - {"fstq"},
+    # What both services share that is not MQTT: light, and it knows no project package.
+    "common": HEAVY | MQTT | PROJECT - {"common"},
+    "broker": HEAVY | PROJECT - {"broker", "common"},
     "workload": {"paho", "msgpack", "broker", "edge_agent", "aggregator", "evaluation", "fedfstq"},
     "edge_agent": {"aggregator", "evaluation", "fedfstq"},
     "aggregator": {"edge_agent", "evaluation", "fedfstq"},
@@ -86,6 +83,23 @@ def test_nothing_imports_pickle() -> None:
         if _imports(path) & {"pickle", "cPickle", "dill", "cloudpickle"}
     ]
     assert users == []
+
+
+def test_common_imports_with_heavy_and_project_packages_blocked() -> None:
+    # Runtime check on top of the static one: transitive imports count too.
+    blocked = sorted(HEAVY | MQTT | {"numpy"} | PROJECT - {"common"})
+    modules = sorted(f"common.{p.stem}" for p in (ROOT / "common").glob("*.py"))
+    code = (
+        "import sys\n"
+        f"for m in {blocked!r}:\n"
+        "    sys.modules[m] = None\n"
+        f"for m in {modules!r}:\n"
+        "    __import__(m)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_fstq_imports_with_mqtt_and_msgpack_blocked() -> None:

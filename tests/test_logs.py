@@ -54,7 +54,7 @@ def test_exceptions_stay_on_one_line() -> None:
 
 
 def test_agent_log_context_stamps_client_and_round_on_every_line() -> None:
-    from broker.log_context import LogContext, log_context
+    from common.log_context import LogContext, log_context
 
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)

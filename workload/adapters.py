@@ -8,9 +8,6 @@ disk in peft's own layout (`adapter_model.safetensors` + `adapter_config.json`) 
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -19,6 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from common import atomic
 from workload.models import LoraSpec
 
 __all__ = [
@@ -74,12 +72,14 @@ def save_peft_dir(
     base_model: str,
     metadata: Mapping[str, str] | None = None,
 ) -> None:
-    """Write a stock peft adapter directory atomically (a reader never sees half a directory)."""
+    """Write a stock peft adapter directory atomically and durably.
+
+    :func:`common.atomic.replace_dir`: a reader never sees half a directory, and once this
+    returns (before the aggregator's store records the version) the files survive a power cut.
+    """
     from peft import LoraConfig
 
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
-    try:
+    with atomic.replace_dir(directory) as tmp:
         LoraConfig(
             r=spec.r,
             lora_alpha=spec.alpha,
@@ -89,11 +89,6 @@ def save_peft_dir(
             base_model_name_or_path=base_model,
         ).save_pretrained(str(tmp))
         (tmp / ADAPTER_WEIGHTS).write_bytes(adapter_to_bytes(state, metadata=metadata))
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_peft_dir(directory: Path) -> dict[str, torch.Tensor]:

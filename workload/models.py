@@ -12,18 +12,20 @@ from __future__ import annotations
 import fcntl
 import importlib.util
 import logging
-import shutil
-import tempfile
+from collections.abc import Mapping
 from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from common import atomic
+
 __all__ = [
     "SMOLLM2",
     "SMOLLM2_HUB_ID",
     "TINY",
+    "LoraMetadataError",
     "LoraSpec",
     "ModelLoadError",
     "TinySpec",
@@ -51,9 +53,17 @@ class ModelLoadError(RuntimeError):
     """The base model or tokenizer could not be loaded from the configured source."""
 
 
+class LoraMetadataError(ValueError):
+    """A global manifest's LoRA metadata is missing a key or holds a bad value."""
+
+    def __init__(self, key: str, value: object, problem: str) -> None:
+        super().__init__(f"global manifest metadata {key}={value!r} {problem}")
+        self.key = key
+
+
 @dataclass(frozen=True)
 class LoraSpec:
-    """LoRA settings that change results (they travel in upload manifests)."""
+    """LoRA settings that change results (they travel in global manifests' metadata)."""
 
     r: int = 16
     alpha: int = 32  # paper: r=16, alpha=32
@@ -67,6 +77,39 @@ class LoraSpec:
             "dropout": self.dropout,
             "target_modules": list(self.target_modules),
         }
+
+    def to_metadata(self, base_model: str) -> dict[str, str | bool | int | float]:
+        """What a device needs to rebuild the peft model around a downloaded global adapter.
+
+        The global manifest's metadata (wire keys ``lora_r``, ``lora_alpha``, ``lora_targets``
+        comma-separated, ``base_model``); :meth:`from_metadata` reads it back. ``dropout`` does
+        not travel: it only matters to whoever trains with it, and devices train without.
+        """
+        return {
+            "lora_r": self.r,
+            "lora_alpha": self.alpha,
+            "lora_targets": ",".join(self.target_modules),
+            "base_model": base_model,
+        }
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, object]) -> LoraSpec:
+        """The spec a global manifest's metadata carries (see :meth:`to_metadata`).
+
+        Raises :class:`LoraMetadataError` naming the bad key: the adapter cannot be built
+        without them. ``base_model`` is not checked: a device trains on its configured model.
+        """
+        r, alpha, targets = (metadata.get(k) for k in ("lora_r", "lora_alpha", "lora_targets"))
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise LoraMetadataError("lora_r", r, "is not a positive int")
+        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or alpha <= 0:
+            raise LoraMetadataError("lora_alpha", alpha, "is not positive")
+        if not isinstance(targets, str):
+            raise LoraMetadataError("lora_targets", targets, "is not a string")
+        modules = tuple(t.strip() for t in targets.split(",") if t.strip())
+        if not modules:
+            raise LoraMetadataError("lora_targets", targets, "names no module")
+        return cls(r=r, alpha=int(alpha), target_modules=modules)
 
 
 @dataclass(frozen=True)
@@ -122,13 +165,9 @@ def _converted_smollm2(cache_dir: Path) -> Path:
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)  # type: ignore[no-untyped-call]
         model.load_state_dict(gguf_model.state_dict())
         model.tie_weights()
-        tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=cache_dir))
-        try:
+        with atomic.replace_dir(target) as tmp:
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
-            tmp.rename(target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -230,13 +269,9 @@ def base_model_reference(
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not (target / "config.json").is_file():
                 model: Any = _tiny_model(tokenizer, spec)
-                tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=cache))
-                try:
+                with atomic.replace_dir(target) as tmp:
                     model.save_pretrained(tmp)
                     tokenizer.save_pretrained(tmp)
-                    tmp.rename(target)
-                finally:
-                    shutil.rmtree(tmp, ignore_errors=True)
     return str(target.resolve())
 
 

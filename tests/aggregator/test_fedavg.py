@@ -76,6 +76,44 @@ def test_bad_updates_are_rejected_without_touching_the_sum(
     assert agg.count == 1 and torch.equal(agg.mean()["x"], good["x"])
 
 
+@pytest.mark.parametrize(
+    ("update", "detail"),
+    [
+        ({"x": _t([1.0, math.nan]), "y": _t([1.0])}, "x has NaN or Inf"),
+        ({"x": _t([1.0, 1.0]), "y": _t([math.inf])}, "y has NaN or Inf"),
+        ({"x": _t([-math.inf, 1.0]), "y": _t([math.nan])}, "x has NaN or Inf"),
+        (  # finite values whose squares overflow float64 (only a float64 update can)
+            {"x": torch.tensor([[1e200, 1.0]], dtype=torch.float64), "y": _t([1.0])},
+            "update norm overflows",
+        ),
+    ],
+)
+def test_non_finite_updates_are_rejected_with_their_reason_and_detail(
+    update: dict[str, torch.Tensor], detail: str
+) -> None:
+    agg = StreamingFedAvg({"x": _t([0.0, 0.0]), "y": _t([0.0])}, clip_norm=1.0)
+    for act in (agg.check, lambda u: agg.add(u, 1.0)):
+        with pytest.raises(RejectedUpdate) as info:
+            act(update)
+        assert info.value.reason == "non_finite" and str(info.value) == f"non_finite: {detail}"
+    assert agg.count == 0 and agg.clipped == 0
+
+
+def test_a_checked_update_is_added_without_a_second_check(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    huge = {"x": _t([3e3, 4e3]), "y": _t([0.0])}  # norm 5000
+    agg = StreamingFedAvg(huge, clip_norm=1.0)
+    checked = agg.check(huge)
+    assert checked.norm == 5000.0 and checked.delta is huge
+    calls: list[object] = []
+    monkeypatch.setattr(agg, "check", calls.append)  # any further check would be recorded
+    agg.add(checked, 2.0)
+    assert not calls
+    assert agg.clipped == 1 and agg.count == 1
+    assert torch.equal(agg.mean()["x"], _t([0.6, 0.8]))
+
+
 def test_norm_bounding_limits_a_malicious_client() -> None:
     honest = [{"w": torch.full((10,), 0.01)} for _ in range(9)]
     evil = {"w": torch.full((10,), 1e6)}

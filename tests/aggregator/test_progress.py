@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import replace
 
 import torch
 
@@ -65,9 +65,9 @@ def test_the_end_goes_out_at_once_from_the_rounds_record() -> None:
     rnd = open_round()
     reporter.poll(rnd, Event.OPENED, None, T0)
     arrive(rnd, "a", 700)
-    record: dict[str, Any] = rnd.metrics.record(
-        status="closed", global_version=4, closed_at=T0 + 9
-    ) | {"arrived": ["a"]}
+    record = replace(
+        rnd.metrics.record(status="closed", global_version=4, closed_at=T0 + 9), arrived=("a",)
+    )
     ended = reporter.poll(None, Event.CLOSED, record, T0 + 9)
     assert ended is not None
     assert (ended.phase, ended.arrived, ended.uplink_wire_bytes) == (RoundPhase.CLOSED, ("a",), 700)

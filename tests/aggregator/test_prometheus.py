@@ -12,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from service_support import Device, FakeClock, compressed, global_state, random_delta, running
 
 from aggregator.adapter_model import ModelLoader
+from aggregator.metrics import RoundMetrics
 from aggregator.prometheus import NAMESPACE, ServiceMetrics
 from aggregator.service import Aggregator
 from aggregator.settings import AggregatorSettings
@@ -150,7 +151,10 @@ def test_round_gauges_follow_a_resumed_round_and_its_failure() -> None:
     m.state(7, frozenset({"a", "b", "c"}), 4)  # restarted with round 7 open on v4
     assert value("round_open") == 1 and value("round_selected_clients") == 3
     assert value("current_round") == 7 and value("global_version") == 4
-    m.ended({"status": "failed", "global_version": 4, "duration_s": 420.0})
+    failed = RoundMetrics(7, 4, ("a",), 0.0).record(
+        status="failed", global_version=4, closed_at=420
+    )
+    m.ended(failed)
     assert value("round_open") == 0 and value("round_selected_clients") == 0
     assert value("round_duration_seconds_sum", status="failed") == 420.0
     assert value("round_duration_seconds_bucket", status="failed", le="300.0") == 0

@@ -20,7 +20,7 @@ from broker.local import LocalBroker
 from broker.messages import ClientState, ClientStatus
 from broker.mqtt import MqttClient
 from broker.settings import MqttSettings
-from broker.topics import StatusTopic, parse_topic, status_topic
+from broker.topics import StatusTopic, status_topic, topic_as
 from broker.transport import DelegatingTransport, Message, Transport
 
 pytestmark = pytest.mark.broker
@@ -35,7 +35,7 @@ class Recording(DelegatingTransport):
 
     def receive(self, timeout: float | None = None) -> Message | None:
         msg = super().receive(timeout)
-        if msg is not None and isinstance(parse_topic(msg.topic), StatusTopic):
+        if msg is not None and topic_as(msg.topic, StatusTopic) is not None:
             self.into.append(msg)
         return msg
 

@@ -123,7 +123,7 @@ def test_devices_only_read_their_own_acks_and_cannot_announce_rounds(
     # Arrange
     agg = connect("aggregator")
     dev_a = connect("dev-a")
-    dev_a.subscribe(topics.ack_filter(FLEET))  # granted by 2.0, filtered per message
+    dev_a.subscribe(f"fstq/v1/{FLEET}/ack/+")  # granted by 2.0, filtered per message
     dev_a.subscribe(topics.round_topic(FLEET))
     # Act
     agg.publish_wait(topics.ack_topic(FLEET, "dev-b"), b"for b")

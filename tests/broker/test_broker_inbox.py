@@ -18,8 +18,9 @@ from broker.errors import (
     PayloadChecksumError,
     UnknownUploadError,
 )
-from broker.inbox import Inbox, InboxLimits, UploadKey
+from broker.inbox import Inbox, InboxLimits, UploadKey, check_origin, verdict_ack
 from broker.messages import AckStatus, UploadChunk, UploadManifest
+from broker.topics import UploadTopic
 
 
 def _upload(
@@ -37,8 +38,8 @@ def test_manifest_then_chunks_completes_with_ack_progress() -> None:
     inbox = Inbox()
     manifest, chunks = _upload()
     # Act
-    first = inbox.open(manifest, now=0.0, sender="dev-1")
-    results = [inbox.add(ch, now=1.0, sender="dev-1") for ch in chunks]
+    first = inbox.open(manifest, now=0.0)
+    results = [inbox.add(ch, now=1.0) for ch in chunks]
     # Assert
     assert first.status is AckStatus.RECEIVING and first.have == bytes(2)
     assert all(r.completed is None for r in results[:-1])
@@ -149,13 +150,21 @@ def test_payload_hash_mismatch_rejects_the_upload() -> None:
 
 
 def test_origin_must_match_the_topic_client() -> None:
-    inbox = Inbox()
-    manifest, chunks = _upload(client="dev-1")
+    manifest, chunks = _upload(client="dev-1", round_id=1)
     with pytest.raises(OriginError):
-        inbox.open(manifest, now=0.0, sender="dev-2")
-    inbox.open(manifest, now=0.0, sender="dev-1")
+        check_origin(manifest, UploadTopic("f", "dev-2", 1))
+    check_origin(manifest, UploadTopic("f", "dev-1", 1))
     with pytest.raises(OriginError):
-        inbox.add(chunks[0], now=0.0, sender="dev-2")
+        check_origin(chunks[0], UploadTopic("f", "dev-2", 1))
+    check_origin(chunks[0], UploadTopic("f", "dev-1", 1))
+
+
+def test_origin_must_match_the_topic_round() -> None:
+    manifest, chunks = _upload(client="dev-1", round_id=2)
+    for msg in (manifest, chunks[0]):
+        with pytest.raises(OriginError) as info:
+            check_origin(msg, UploadTopic("f", "dev-1", 1))
+        assert info.value.reason == "origin"
 
 
 def test_expiry_is_driven_by_the_callers_clock() -> None:
@@ -252,3 +261,13 @@ def test_settle_overrides_the_verdict_after_reassembly() -> None:
     inbox.open(other, now=0.0)
     inbox.settle(UploadKey.of(other), AckStatus.LATE, "round_closed")  # open uploads too
     assert len(inbox) == 0 and inbox.reserved_bytes == 0
+
+
+def test_verdict_acks_carry_a_full_bitmap_only_when_complete() -> None:
+    key = UploadKey(3, "dev-1", "u1")
+    done = verdict_ack(key, AckStatus.COMPLETE, chunk_count=10)
+    assert (done.upload_id, done.round, done.chunk_count) == ("u1", 3, 10)
+    assert done.have == bytes([0xFF, 0x03]) and done.reason == ""
+    late = verdict_ack(key, AckStatus.LATE, "round_closed", chunk_count=10)
+    assert (late.chunk_count, late.have, late.reason) == (0, b"", "round_closed")
+    assert verdict_ack(key, AckStatus.REJECTED, "x" * 300).reason == "x" * 256

@@ -11,6 +11,16 @@ from broker.errors import TopicError
 
 ids = st.from_regex(r"\A[A-Za-z0-9_.-]{1,64}\Z")
 rounds = st.integers(min_value=0, max_value=t.MAX_ROUND)
+FAMILIES = (
+    t.RoundTopic,
+    t.GlobalManifestTopic,
+    t.UploadTopic,
+    t.AckTopic,
+    t.FetchTopic,
+    t.DownTopic,
+    t.StatusTopic,
+    t.ProgressTopic,
+)
 bad_ids = st.one_of(
     st.just(""),
     st.text(min_size=65, max_size=80, alphabet="abc"),
@@ -36,21 +46,21 @@ def test_every_family_round_trips(fleet: str, client: str, round_id: int) -> Non
         text = str(obj)
         # Assert
         assert t.parse_topic(text) == obj
-        assert type(obj).parse(text) == obj
+        assert t.topic_as(text, type(obj)) == obj
         assert text.startswith(f"fstq/v1/{fleet}/")
 
 
 @given(fleet=ids, client=ids, round_id=rounds)
 def test_builders_and_parsers_agree(fleet: str, client: str, round_id: int) -> None:
-    assert t.parse_round_topic(t.round_topic(fleet)).fleet == fleet
-    assert t.parse_global_manifest_topic(t.global_manifest_topic(fleet)).fleet == fleet
-    up = t.parse_upload_topic(t.upload_topic(fleet, client, round_id))
-    assert (up.fleet, up.client, up.round) == (fleet, client, round_id)
-    assert t.parse_ack_topic(t.ack_topic(fleet, client)).client == client
-    assert t.parse_fetch_topic(t.fetch_topic(fleet, client)).client == client
-    assert t.parse_down_topic(t.down_topic(fleet, client)).client == client
-    assert t.parse_status_topic(t.status_topic(fleet, client)).client == client
-    assert t.parse_progress_topic(t.progress_topic(fleet)).fleet == fleet
+    assert t.parse_topic(t.round_topic(fleet)) == t.RoundTopic(fleet)
+    assert t.parse_topic(t.global_manifest_topic(fleet)) == t.GlobalManifestTopic(fleet)
+    up = t.topic_as(t.upload_topic(fleet, client, round_id), t.UploadTopic)
+    assert up is not None and (up.fleet, up.client, up.round) == (fleet, client, round_id)
+    assert t.parse_topic(t.ack_topic(fleet, client)) == t.AckTopic(fleet, client)
+    assert t.parse_topic(t.fetch_topic(fleet, client)) == t.FetchTopic(fleet, client)
+    assert t.parse_topic(t.down_topic(fleet, client)) == t.DownTopic(fleet, client)
+    assert t.parse_topic(t.status_topic(fleet, client)) == t.StatusTopic(fleet, client)
+    assert t.parse_topic(t.progress_topic(fleet)) == t.ProgressTopic(fleet)
     assert t.observer_filters(fleet) == (
         f"fstq/v1/{fleet}/round",
         f"fstq/v1/{fleet}/global/manifest",
@@ -110,6 +120,16 @@ def test_round_must_be_a_non_negative_int(bad_round: object) -> None:
 def test_malformed_topics_are_rejected(topic: str) -> None:
     with pytest.raises(TopicError):
         t.parse_topic(topic)
+    assert all(t.topic_as(topic, kind) is None for kind in FAMILIES)
+
+
+def test_topic_as_answers_only_for_its_own_family() -> None:
+    up = t.upload_topic("f", "dev", 3)
+    assert t.topic_as(up, t.UploadTopic) == t.UploadTopic("f", "dev", 3)
+    assert t.topic_as(up, t.StatusTopic) is None
+    assert t.topic_as(t.status_topic("f", "dev"), t.UploadTopic) is None
+    assert t.topic_as(t.round_topic("f"), t.RoundTopic) == t.RoundTopic("f")
+    assert t.topic_as(t.round_topic("f"), t.ProgressTopic) is None
 
 
 def test_filters_match_exactly_their_family() -> None:
@@ -132,9 +152,8 @@ def test_filters_match_exactly_their_family() -> None:
         "fstq/v1/f1/down/d",
     )
     assert t.topic_matches(t.status_filter("f1"), t.status_topic("f1", "d"))
-    assert t.topic_matches(t.ack_filter("f1"), t.ack_topic("f1", "d"))
-    assert t.topic_matches(t.down_filter("f1"), t.down_topic("f1", "d"))
-    assert t.shared("aggs", t.upload_filter("f1")) == "$share/aggs/fstq/v1/f1/up/+/+"
+    assert t.topic_matches("fstq/v1/f1/ack/+", t.ack_topic("f1", "d"))
+    assert t.topic_matches("fstq/v1/f1/down/+", t.down_topic("f1", "d"))
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,7 @@ from broker.chunking import (
     upload_messages,
 )
 from broker.codec import decode, encode, peek_kind
-from broker.inbox import Inbox, UploadKey
+from broker.inbox import Inbox, UploadKey, check_origin
 from broker.messages import (
     AckStatus,
     FetchRequest,
@@ -44,15 +44,16 @@ def _serve_uploads(agg: MqttClient, inbox: Inbox, fleet: str, n: int, now: float
     for _ in range(n):
         msg = agg.receive(10)
         assert msg is not None
-        where = topics.UploadTopic.parse(msg.topic)
+        where = topics.topic_as(msg.topic, topics.UploadTopic)
+        assert where is not None
         if peek_kind(msg.payload) == UploadManifest.kind:
-            ack = inbox.open(
-                decode(msg.payload, expect=UploadManifest), now=now, sender=where.client
-            )
+            manifest = decode(msg.payload, expect=UploadManifest)
+            check_origin(manifest, where)
+            ack = inbox.open(manifest, now=now)
         else:
-            result = inbox.add(
-                decode(msg.payload, expect=UploadChunk), now=now, sender=where.client
-            )
+            chunk = decode(msg.payload, expect=UploadChunk)
+            check_origin(chunk, where)
+            result = inbox.add(chunk, now=now)
             if result.completed is None:
                 continue
             done.append(result.completed.payload)
@@ -124,7 +125,9 @@ def test_global_adapter_download_by_fetch_bitmap(clients: ClientFactory, fleet: 
         dev.publish_wait(topics.fetch_topic(fleet, "d1"), encode(download.fetch_request(4)))
         req_msg = agg.receive(10)
         assert req_msg is not None
-        client = topics.FetchTopic.parse(req_msg.topic).client
+        fetch = topics.topic_as(req_msg.topic, topics.FetchTopic)
+        assert fetch is not None
+        client = fetch.client
         request = decode(req_msg.payload, expect=FetchRequest)
         answer = chunks_for_fetch(manifest, chunks, request)
         for ch in answer:

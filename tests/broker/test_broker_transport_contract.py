@@ -12,7 +12,7 @@ from broker.local import LocalBroker
 from broker.memory import MemoryBroker, MemoryClient
 from broker.mqtt import MqttClient
 from broker.settings import MqttSettings
-from broker.transport import Transport, Will
+from broker.transport import DelegatingTransport, Message, PublishHandle, Transport, Will
 
 Factory = Callable[..., Transport]
 
@@ -122,6 +122,36 @@ def test_will_on_abort_not_on_close(make: Factory, fleet: str) -> None:
     crashy.abort()
     assert _one(watcher)[0] == f"w/{fleet}/crashy"
     assert watcher.receive(0.5) is None
+
+
+class _Watch(DelegatingTransport):
+    """Overrides only ``send``: every publish, waited for or not, must pass through it."""
+
+    def __init__(self, inner: Transport) -> None:
+        super().__init__(inner)
+        self.sent: list[tuple[Message, PublishHandle]] = []
+
+    def send(self, message: Message) -> PublishHandle:
+        handle = super().send(message)
+        self.sent.append((message, handle))
+        return handle
+
+
+def test_publish_and_publish_wait_go_through_send(make: Factory, fleet: str) -> None:
+    sub = make("sub")
+    sub.subscribe(f"p/{fleet}/+")
+    pub = _Watch(make("pub"))
+    pub.publish(f"p/{fleet}/a", b"one", expiry_s=60, user_properties=[("k", "v")]).wait(10)
+    pub.publish_wait(f"p/{fleet}/b", bytearray(b"two"), timeout=10, qos=0)
+    assert [m for m, _ in pub.sent] == [
+        Message(f"p/{fleet}/a", b"one", 1, False, (("k", "v"),), 60),
+        Message(f"p/{fleet}/b", b"two", 0, False, (), None),
+    ]
+    # The packet size a transport reports is the one Message.wire_size computes (paho's own
+    # property packing for MqttClient).
+    assert all(h.size == m.wire_size for m, h in pub.sent)
+    got = [(m.topic, m.payload, m.user_properties) for m in sub.messages(idle_timeout=1)]
+    assert got == [(f"p/{fleet}/a", b"one", (("k", "v"),)), (f"p/{fleet}/b", b"two", ())]
 
 
 def test_closed_client_refuses_and_ends_iteration(make: Factory, fleet: str) -> None:

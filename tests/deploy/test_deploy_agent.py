@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from broker.settings import MqttSettings, TlsSettings
-from edge_agent.exit_codes import ExitCode
+from common.exit_codes import ExitCode
 from edge_agent.settings import AgentSettings, CompressionSettings, TrainingSettings
 
 ROOT = Path(__file__).resolve().parents[2]

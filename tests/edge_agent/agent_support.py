@@ -244,7 +244,7 @@ class FakeAggregator:
                 self._unknown_sent = True  # as if it had restarted and lost the upload
                 self._ack(client, self._unknown(msg.upload_id, msg.round))
                 return
-            ack = self.inbox.open(msg, now=time.time(), sender=client)
+            ack = self.inbox.open(msg, now=time.time())
             if f.reject_reason is not None:
                 key = UploadKey.of(msg)
                 self.inbox.drop(key, AckStatus.REJECTED, f.reject_reason)
@@ -256,7 +256,7 @@ class FakeAggregator:
                 f.drop_upload_chunks.discard(msg.index)
                 return
             try:
-                result = self.inbox.add(msg, now=time.time(), sender=client)
+                result = self.inbox.add(msg, now=time.time())
             except UnknownUploadError:
                 self._ack(client, self._unknown(msg.upload_id, msg.round))
                 return

@@ -29,10 +29,11 @@ from broker.mqtt import MqttClient
 from broker.settings import MqttSettings
 from broker.topics import status_topic
 from broker.transport import Completion, PublishHandle, Transport, Will
+from common.exit_codes import ExitCode
+from common.signals import stop_handler
 from edge_agent.agent import EdgeAgent
 from edge_agent.device_state import DeviceState
-from edge_agent.exit_codes import ExitCode
-from edge_agent.lifecycle import Notifier, stop_handler
+from edge_agent.lifecycle import Notifier
 from edge_agent.outbox import Outbox
 
 pytestmark = pytest.mark.broker
@@ -93,6 +94,9 @@ def test_round_fetches_global_trains_uploads_and_completes(
         assert len(payload) <= BUDGET
         assert manifest.base_version == 0 and manifest.chunk_size == UPLOAD_CHUNK
         assert manifest.metadata["budget_bytes"] == BUDGET
+        # Compute times stay on the device, for the evaluation to read from the agent.
+        assert set(manifest.metadata) == {"tokens_kept", "train_loss", "budget_bytes"}
+        assert list(agent.compute_times) == [1] and agent.compute_times[1].cpu_s > 0
         assert manifest.sample_count == 6 and manifest.method == "fstq"
 
         # State on disk: outbox entry done, progress, cached global, token scores.

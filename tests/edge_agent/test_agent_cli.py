@@ -9,8 +9,8 @@ import pytest
 from agent_support import PAIRS
 
 from broker.local import LocalBroker, free_port
+from common.exit_codes import ExitCode
 from edge_agent.cli import ConfigError, add_arguments, load_settings, main
-from edge_agent.exit_codes import ExitCode, for_connect_refusal
 from workload.data import write_jsonl
 
 
@@ -38,13 +38,6 @@ def write_config(tmp_path: Path, port: int, **extra: str) -> Path:
     path = tmp_path / "agent.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-def test_exit_codes_are_distinct_and_explained() -> None:
-    assert [int(c) for c in ExitCode] == [0, 1, 2, 3, 4, 5]
-    assert all(c.help for c in ExitCode)
-    assert for_connect_refusal(0x86) is ExitCode.CONFIG  # bad user name or password
-    assert for_connect_refusal(0x89) is ExitCode.BROKER_UNREACHABLE  # server busy
 
 
 def test_flags_override_the_file_and_conflict_with_the_environment(tmp_path: Path) -> None:

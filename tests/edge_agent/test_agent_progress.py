@@ -17,8 +17,8 @@ from broker.progress import CAUSE_KEY, DeviceProgress
 from broker.settings import MqttSettings
 from broker.topics import status_topic
 from broker.transport import Transport, Will
+from common.exit_codes import ExitCode
 from edge_agent.agent import EdgeAgent
-from edge_agent.exit_codes import ExitCode
 
 pytestmark = pytest.mark.broker
 

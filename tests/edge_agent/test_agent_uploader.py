@@ -6,22 +6,27 @@ import hashlib
 from pathlib import Path
 
 import pytest
+import torch
 
 from broker.chunking import bitmap_from_indices
-from broker.codec import decode
+from broker.codec import decode, encode
 from broker.memory import MemoryBroker, MemoryClient
-from broker.messages import AckStatus, UploadAck, UploadChunk, UploadManifest
+from broker.messages import AckStatus, RoundAnnouncement, UploadAck, UploadChunk, UploadManifest
 from broker.settings import MqttSettings
-from broker.topics import upload_filter
+from broker.topics import ack_topic, round_topic, upload_filter
 from edge_agent.outbox import Outbox, OutboxEntry
+from edge_agent.trainer import ComputeTime, TrainResult
 from edge_agent.uploader import Uploader, UploadOutcome
+from fstq.compressors import make_compressor
 
 PAYLOAD = bytes(range(256)) * 4 + b"tail"  # 5 chunks of 256 B (the last one 4 B)
 COUNT = 5
 
 
 class Rig:
-    def __init__(self, tmp_path: Path, *, max_packet_size: int | None = 1 << 20) -> None:
+    def __init__(
+        self, tmp_path: Path, *, max_packet_size: int | None = 1 << 20, settle_s: float = 0.5
+    ) -> None:
         broker = MemoryBroker(max_packet_size=max_packet_size)
         self.device = MemoryClient(broker, MqttSettings(client_id="dev"))
         self.device.connect()
@@ -48,7 +53,7 @@ class Rig:
             fleet="fl",
             client_id="dev",
             ack_timeout_s=10.0,
-            settle_s=0.5,
+            settle_s=settle_s,
             expiry_grace_s=60.0,
             on_finished=self.finished.append,
         )
@@ -187,3 +192,49 @@ def test_chunks_over_the_packet_limit_close_the_upload(tmp_path: Path) -> None:
     (done,) = rig.finished
     assert done.state == "rejected" and done.reason.startswith("packet_too_large")
     assert rig.sent() == ["M"]
+
+
+def test_resume_drops_the_acks_the_session_kept_for_the_previous_process(
+    tmp_path: Path,
+) -> None:
+    # Settling would not help: acted on at once, a stale reply would bring every chunk again.
+    rig = Rig(tmp_path, settle_s=0.0)
+    rig.device.subscribe(ack_topic("fl", "dev"))
+    rig.device.subscribe(round_topic("fl"))
+    stale = UploadAck(upload_id="u1", round=3, status=AckStatus.RECEIVING, chunk_count=COUNT,
+                      have=bitmap_from_indices([], COUNT))  # fmt: skip
+    rig.spy.publish(ack_topic("fl", "dev"), encode(stale))  # kept by the session while away
+    rig.spy.publish(round_topic("fl"), b"announcement")  # the in-memory broker delivers at once
+    early = rig.up.resume(rig.outbox.pending(), now=0.0)
+    assert [m.topic for m in early] == [round_topic("fl")]  # the rest is the caller's
+    assert rig.sent() == ["M"]
+    for msg in rig.device.messages(idle_timeout=0):  # what the agent would dispatch next
+        rig.up.on_ack(decode(msg.payload, expect=UploadAck), 0.1)
+    rig.up.tick(0.2)
+    assert rig.sent() == []  # nothing re-sent on the stale ack's word
+    rig.ack(AckStatus.RECEIVING, [0, 1, 2], now=0.3)  # the reply to the query
+    rig.up.tick(0.3)
+    assert rig.sent() == [3, 4]
+
+
+def test_store_writes_a_new_upload_to_the_outbox(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    update = make_compressor("dense_fp16").compress({"w": torch.arange(8.0)})
+    took = ComputeTime(wall_s=1.5, cpu_s=2.5)
+    result = TrainResult(update, sample_count=6, budget_bytes=900, compute=took,
+                         train_loss=float("nan"), tokens_kept=0.5)  # fmt: skip
+    ann = RoundAnnouncement(
+        fleet="fl", round=7, global_version=2, global_sha256=bytes(32), selected=("dev",),
+        deadline=2000.0, quorum=1, upload_window_s=30.0, chunk_size=128, budget_bytes={},
+    )  # fmt: skip
+    entry = rig.up.store(ann, base_version=2, result=result, now=12.0)
+    again = rig.up.store(ann, base_version=2, result=result, now=12.0)
+    assert entry.upload_id.startswith("r7-") and again.upload_id != entry.upload_id
+    assert (entry.round_id, entry.base_version, entry.sample_count, entry.method) == (
+        7, 2, 6, "dense_fp16",
+    )  # fmt: skip
+    assert (entry.chunk_size, entry.deadline, entry.created_at) == (128, 2000.0, 12.0)
+    # What the aggregator may log; no timings (they stay on the device) and no NaN loss.
+    assert entry.metadata == {"tokens_kept": 0.5, "budget_bytes": 900}
+    assert rig.outbox.payload(entry.upload_id) == update.payload  # durable, hash checked
+    assert rig.outbox.pending()[-2:] == sorted([entry, again], key=lambda e: e.upload_id)

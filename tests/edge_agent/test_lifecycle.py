@@ -1,19 +1,18 @@
-"""sd_notify over a real AF_UNIX datagram socket, the watchdog rate, and the stop handler."""
+"""sd_notify over a real AF_UNIX datagram socket and the watchdog rate (the stop signals:
+tests/common/test_common_signals.py)."""
 
 from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import tempfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from edge_agent.lifecycle import Notifier, notify, stop_handler, stop_signals, watchdog_interval
+from edge_agent.lifecycle import Notifier, notify, watchdog_interval
 
 
 @pytest.fixture
@@ -79,16 +78,3 @@ def test_watchdog_pings_at_most_once_per_interval(listener: tuple[socket.socket,
 )
 def test_watchdog_interval(usec: str | None, pid: str | None, expected: float | None) -> None:
     assert watchdog_interval(usec, pid, own_pid=4242) == expected
-
-
-def test_stop_handler_and_stop_signals_set_the_event() -> None:
-    stop = threading.Event()
-    stop_handler(stop)(signal.SIGTERM, None)
-    assert stop.is_set()
-
-    stop = threading.Event()
-    before = signal.getsignal(signal.SIGTERM)
-    with stop_signals(stop):
-        signal.raise_signal(signal.SIGTERM)
-        assert stop.is_set()
-    assert signal.getsignal(signal.SIGTERM) is before

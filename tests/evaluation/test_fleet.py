@@ -16,6 +16,7 @@ import pytest
 from evaluation.fleet import FleetConfig, compression_for
 from evaluation.fleet_wire import dropout_fate
 from evaluation.round_time import ClientTiming, round_time
+from evaluation.run_record import read_run
 from evaluation.summary import markdown_tables, summarize
 from fedfstq.cli import main
 
@@ -122,7 +123,7 @@ def test_record_has_target_memory_and_plots(run: dict[str, Any], out: Path) -> N
     assert min(dense_losses) <= target["value"] <= max(dense_losses)
     for rec in run["methods"].values():
         assert 100 < rec["agent_peak_rss_mb"] < 8000  # a real process's RSS, in MB
-    summary = summarize(run)
+    summary = summarize(read_run(out / "run.json"))
     for name, m in summary.methods.items():
         rounds = run["methods"][name]["rounds"]
         # Every selected device fetched the new global adapter: downlink was spent and counted.

@@ -4,32 +4,33 @@ import struct
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
+from run_records import fleet_eval, fleet_round, fleet_run, method_run
 
 from evaluation.plots import plot_quality_vs_bytes, plot_quality_vs_time, quality_figure
-from evaluation.targets import RunRecordError
+from evaluation.run_record import FleetRun, RunRecordError
+from evaluation.targets import Target
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-Plot = Callable[[dict[str, Any], str, Path], Path]
+Plot = Callable[[FleetRun, str, Path], Path]
 
 
-def _synthetic_run(methods: dict[str, tuple[int, float]], rounds: int = 6) -> dict[str, Any]:
+def _synthetic_run(methods: dict[str, tuple[int, float]], rounds: int = 6) -> FleetRun:
     """Loss falling by 0.05 a round; each method spends (bytes, seconds) per round."""
-    return {
-        "target": {"metric": "loss", "value": 3.4, "higher_is_better": False, "rule": "test"},
-        "methods": {
-            name: {"rounds": [
-                {"round": r, "uplink_wire_bytes": wire * (r > 0), "round_time_s": secs * (r > 0),
-                 "eval": {"loss": 3.6 - 0.05 * r, "accuracy": 0.3 + 0.01 * r}}
+    return fleet_run(
+        {
+            name: method_run(name, [
+                fleet_round(r, fleet_eval(3.6 - 0.05 * r, 0.3 + 0.01 * r), wire=wire, time_s=secs)
                 for r in range(rounds + 1)
-            ]}
+            ])
             for name, (wire, secs) in methods.items()
         },
-    }  # fmt: skip
+        Target("loss", 3.4, higher_is_better=False, rule="test"),
+    )  # fmt: skip
 
 
 def _png_size(path: Path) -> tuple[int, int]:
@@ -68,16 +69,19 @@ def test_figure_has_one_line_per_method_and_the_target() -> None:
 @pytest.mark.parametrize("plot", [plot_quality_vs_bytes, plot_quality_vs_time])
 def test_plot_copes_with_missing_evaluations_and_no_target(tmp_path: Path, plot: Plot) -> None:
     run = _synthetic_run({"dense_fp16": (1000, 1.0), "empty": (0, 0.0)})
-    del run["target"]
-    run["methods"]["empty"]["rounds"] = []
-    del run["methods"]["dense_fp16"]["rounds"][2]["eval"]
+    dense = run.methods["dense_fp16"]
+    rounds = list(dense.rounds)
+    rounds[2] = replace(rounds[2], eval=fleet_eval(None, None, None))  # no answer tokens
+    methods = {"dense_fp16": replace(dense, rounds=tuple(rounds)),
+               "empty": replace(run.methods["empty"], rounds=())}  # fmt: skip
+    run = replace(run, target=None, methods=methods)
     _png_size(plot(run, "rouge_l", tmp_path / "none.png"))  # no method has the metric
     _png_size(plot(run, "loss", tmp_path / "some.png"))
 
 
 def test_plot_rejects_a_record_without_methods(tmp_path: Path) -> None:
     with pytest.raises(RunRecordError, match="methods"):
-        plot_quality_vs_bytes({"target": None}, "loss", tmp_path / "x.png")
+        plot_quality_vs_bytes(fleet_run({}), "loss", tmp_path / "x.png")
 
 
 def test_module_imports_without_matplotlib_or_a_display() -> None:

@@ -1,14 +1,16 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import replace
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from run_records import fleet_eval, fleet_round, fleet_run, method_run
 
+from common.record import from_json, to_json
+from evaluation.run_record import FleetRound, FleetRun, RunRecordError
 from evaluation.targets import (
-    RunRecordError,
     Target,
     ToTarget,
     first_reaching,
@@ -20,13 +22,8 @@ from evaluation.targets import (
 LOSS = Target("loss", 3.41, higher_is_better=False, rule="fixed")
 
 
-def _round(r: int, loss: float | None, wire: int = 1000, time_s: float = 2.0) -> dict[str, Any]:
-    return {
-        "round": r,
-        "uplink_wire_bytes": wire if r else 0,
-        "round_time_s": time_s if r else 0.0,
-        **({} if loss is None else {"eval": {"loss": loss, "accuracy": 0.3}}),
-    }
+def _round(r: int, loss: float | None, wire: int = 1000, time_s: float = 2.0) -> FleetRound:
+    return fleet_round(r, fleet_eval(loss), wire=wire, time_s=time_s)
 
 
 def test_target_is_95_percent_of_the_reference_improvement() -> None:
@@ -88,7 +85,7 @@ def test_first_reaching_skips_unevaluated_and_nan_rounds() -> None:
 def test_to_target_counts_up_to_and_including_the_reaching_round() -> None:
     rounds = [_round(0, 3.63), _round(1, 3.5, 100, 1.0), _round(2, None, 200, 2.0),
               _round(3, 3.40, 400, 4.0), _round(4, 3.30, 800, 8.0)]  # fmt: skip
-    rounds[0]["uplink_wire_bytes"] = 999  # round 0 never costs anything, whatever it says
+    rounds[0] = replace(rounds[0], uplink_wire_bytes=999)  # round 0 never costs anything
     assert to_target(rounds, LOSS) == ToTarget(round=3, uplink_wire_bytes=700, time_s=7.0)
     assert to_target(rounds[:3], LOSS) is None
     assert [p.value for p in progress(rounds, "loss")] == [3.63, 3.5, None, 3.40, 3.30]
@@ -121,24 +118,46 @@ def test_to_target_agrees_with_first_reaching_and_cumulative_sums(
     assert easier.uplink_wire_bytes <= got.uplink_wire_bytes
 
 
+def _record_text(target: Target) -> str:
+    run = fleet_run({"dense_fp16": method_run("dense_fp16", [_round(0, 3.6)])}, target)
+    return to_json(run)
+
+
+ROUND_0 = r"methods\.dense_fp16\.rounds\.0\."
+
+
 @pytest.mark.parametrize(
-    "bad",
+    ("field", "bad", "match"),
     [
-        {"round": 1, "uplink_wire_bytes": 10.5, "round_time_s": 1.0},
-        {"round": 1, "uplink_wire_bytes": True, "round_time_s": 1.0},
-        {"round": 1, "round_time_s": 1.0},
-        {"round": 1, "uplink_wire_bytes": 10, "round_time_s": "1"},
-        {"round": "1", "uplink_wire_bytes": 10, "round_time_s": 1.0},
+        ('"uplink_wire_bytes": 0', '"uplink_wire_bytes": 10.5', "uplink_wire_bytes: .*integer"),
+        ('"uplink_wire_bytes": 0', '"uplink_wire_bytes": true', "uplink_wire_bytes: .*integer"),
+        ('"uplink_wire_bytes": 0, ', "", "uplink_wire_bytes: Field required"),
+        ('"round_time_s": 0.0', '"round_time_s": "1"', "round_time_s: .*number"),
+        ('"round": 0', '"round": "0"', "round: .*integer"),
     ],
 )
-def test_progress_rejects_malformed_rounds(bad: dict[str, Any]) -> None:
-    with pytest.raises(RunRecordError, match="must be a number"):
-        progress([bad], "loss")
+def test_malformed_rounds_are_refused_when_read(field: str, bad: str, match: str) -> None:
+    text = _record_text(LOSS)
+    assert field in text
+    with pytest.raises(RunRecordError, match=f"^run.json: {ROUND_0}{match}"):
+        from_json(FleetRun, text.replace(field, bad, 1), "run.json", RunRecordError)
 
 
-def test_target_round_trips_through_its_record_form() -> None:
-    assert Target.from_dict(LOSS.to_dict()) == LOSS
-    with pytest.raises(RunRecordError, match="bad target"):
-        Target.from_dict({"metric": "loss", "value": "low", "higher_is_better": False, "rule": ""})
-    with pytest.raises(RunRecordError, match="bad target"):
-        Target.from_dict({"metric": "loss"})
+@pytest.mark.parametrize(
+    ("field", "bad", "match"),
+    [
+        ('"value": 3.41', '"value": "low"', r"target\.value: .*number"),
+        ('"rule": "fixed"', '"rule": "fixed", "by": "me"', r"target\.by: Unexpected"),
+        ('"metric": "loss", ', "", r"target\.metric: Field required"),
+    ],
+)
+def test_malformed_targets_are_refused_when_read(field: str, bad: str, match: str) -> None:
+    text = _record_text(LOSS)
+    assert field in text
+    with pytest.raises(RunRecordError, match=f"^run.json: {match}"):
+        from_json(FleetRun, text.replace(field, bad, 1), "run.json", RunRecordError)
+
+
+def test_target_round_trips_through_the_run_record() -> None:
+    back = from_json(FleetRun, _record_text(LOSS), "run.json", RunRecordError)
+    assert back.target == LOSS

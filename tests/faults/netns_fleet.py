@@ -40,8 +40,8 @@ from aggregator.store import AggregatorStore
 from broker.local import LocalBroker
 from broker.settings import MqttSettings
 from broker.transport import Transport, Will
+from common.exit_codes import ExitCode
 from edge_agent.agent import EdgeAgent
-from edge_agent.exit_codes import ExitCode
 
 __all__ = ["Audit", "FleetRun", "audit", "run_fleet"]
 

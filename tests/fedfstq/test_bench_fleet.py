@@ -3,45 +3,44 @@ exercised by tests/evaluation/test_fleet.py)."""
 
 from __future__ import annotations
 
-import json
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import pytest
+from run_records import fleet_eval, fleet_round, fleet_run, method_run, run_config
 
+from evaluation.run_record import FleetRun, read_run, write_run
 from fedfstq.bench_fleet import merge_records
 from fedfstq.cli import main
 
 
 def _record(
-    method: str, alpha: float = 0.1, losses: tuple[float, ...] = (4.0, 3.5)
-) -> dict[str, Any]:
+    method: str,
+    alpha: float = 0.1,
+    losses: tuple[float, ...] = (4.0, 3.5),
+    budget_fraction: float = 0.125,
+    budget_bytes: int | None = None,
+) -> FleetRun:
     rounds = [
-        {
-            "round": i, "eval": {"loss": loss, "accuracy": 0.3, "rouge_l": 0.1},
-            "uplink_wire_bytes": 1000 * i, "round_time_s": float(i), "clients": [],
-        }
+        fleet_round(i, fleet_eval(loss), wire=1000 * i, time_s=float(i))
         for i, loss in enumerate(losses)
-    ]  # fmt: skip
-    return {
-        "config": {"alpha": alpha, "seed": 0, "budget_bytes": 10, "links": {"c000": 1e6}},
-        "methods": {method: {"method": method, "options": {}, "rounds": rounds}},
-    }
+    ]
+    config = run_config(alpha=alpha, budget_fraction=budget_fraction)
+    return fleet_run({method: method_run(method, rounds, budget_bytes=budget_bytes)}, None, config)
 
 
 def test_merge_keeps_every_method_of_one_fleet() -> None:
     merged = merge_records([_record("dense_fp16"), _record("fstq")])
-    assert list(merged["methods"]) == ["dense_fp16", "fstq"]
+    assert list(merged.methods) == ["dense_fp16", "fstq"]
 
 
 def test_merge_keeps_a_budgeted_method_at_another_budget_apart() -> None:
-    low = _record("fstq")
-    low["config"]["budget_fraction"] = 0.03125
-    low["methods"]["fstq"]["budget_bytes"] = 3
-    first = _record("fstq")
-    first["config"]["budget_fraction"] = 0.125
-    first["methods"]["fstq"]["budget_bytes"] = 10
-    assert list(merge_records([first, low])["methods"]) == ["fstq", "fstq@0.03125"]
+    low = _record("fstq", budget_fraction=0.03125, budget_bytes=3)
+    first = _record("fstq", budget_fraction=0.125, budget_bytes=10)
+    assert list(merge_records([first, low]).methods) == ["fstq", "fstq@0.03125"]
+    # What a run measured or how long it ran does not make it another fleet.
+    longer = replace(low, config=replace(low.config, rounds=12, links={}, dense_fp16_bytes=1))
+    assert list(merge_records([first, longer]).methods) == ["fstq", "fstq@0.03125"]
 
 
 def test_merge_refuses_runs_of_different_fleets() -> None:
@@ -53,15 +52,28 @@ def test_report_prints_tables_and_fixes_the_target(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     a, b = tmp_path / "a.json", tmp_path / "b.json"
-    a.write_text(json.dumps(_record("dense_fp16")))
-    b.write_text(json.dumps(_record("fstq", losses=(4.0, 3.9))))
+    write_run(a, _record("dense_fp16"))
+    write_run(b, _record("fstq", losses=(4.0, 3.9)))
     out = tmp_path / "merged.json"
     argv = ["bench", "fleet", "--report", str(a), str(b), "--json", str(out)]
     assert main(argv) == 0
-    merged = json.loads(out.read_text())
-    assert merged["target"]["value"] == pytest.approx(3.5 + 0.05 * 0.5)
+    merged = read_run(out)
+    assert merged.target is not None
+    assert merged.target.value == pytest.approx(3.5 + 0.05 * 0.5)
     text = capsys.readouterr().out
     assert "| fstq |" in text and "not reached" in text
+
+
+def test_report_of_a_malformed_record_names_the_file_and_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.json"
+    write_run(bad, _record("fstq"))
+    bad.write_text(bad.read_text().replace('"uplink_wire_bytes": 1000', '"uplink_wire_bytes": 1e3'))
+    assert main(["bench", "fleet", "--report", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.json: methods.fstq.rounds.1.uplink_wire_bytes:" in err
+    assert len(err.splitlines()) == 1
 
 
 def test_report_of_a_missing_file_is_a_clear_error(

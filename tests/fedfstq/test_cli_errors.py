@@ -8,7 +8,7 @@ import pytest
 from cli_support import run_fedfstq
 
 from broker.local import free_port
-from edge_agent.exit_codes import ExitCode
+from common.exit_codes import ExitCode
 from fedfstq import cli
 from fedfstq.demo import write_toml
 
@@ -193,6 +193,23 @@ def test_invalid_service_settings_are_one_line_naming_each_bad_key(
     lines = [line for line in text.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in text, text
     assert "bogus" in lines[0] and "mqtt.port" in lines[0] and "state_dir" in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("argv", "code"),
+    [
+        # The container's health probe, every 30 s: unhealthy, as there is no store yet.
+        (["aggregator", "--check", "--state-dir", "{tmp}"], ExitCode.UNEXPECTED),
+        (["aggregator", "--config", "{tmp}/missing.toml"], ExitCode.CONFIG),
+    ],
+)
+def test_aggregator_check_and_config_errors_load_nothing_heavy(
+    argv: list[str], code: ExitCode, tmp_path: Path
+) -> None:
+    done = run_fedfstq(*(a.format(tmp=tmp_path) for a in argv))
+
+    assert done.code == code
+    assert done.top_level & (HEAVY | {"paho"}) == set()
 
 
 def test_agent_check_with_a_missing_data_file_exits_3(

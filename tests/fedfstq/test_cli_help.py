@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 from cli_support import ROOT, run_fedfstq
 
-from edge_agent.exit_codes import ExitCode
+from common.exit_codes import ExitCode
 from fedfstq import cli
 from fedfstq.errors import INTERRUPTED, MEANING
 

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from fedfstq.demo_report import COLUMNS, read_rounds, row, table_text
+from aggregator.round_result import read_rounds
+from common.record import jsonable
+from fedfstq.demo_report import COLUMNS, row, table_text
 
 pytestmark = pytest.mark.broker
 
@@ -37,7 +39,7 @@ def test_the_demo_shows_each_device_at_work_and_ends_with_bytes_both_ways(tmp_pa
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = done.stdout
     records = read_rounds(workdir / "aggregator" / "rounds.jsonl")
-    assert [r["status"] for r in records] == ["closed", "closed"]
+    assert [r.status for r in records] == ["closed", "closed"]
     # Live: who was selected, each device's stages, the arrivals. (Steps within a second of the
     # last status are held back: the tiny model's steps are that fast.)
     assert "round 1 opened on v0: selected device-0, device-1" in out
@@ -52,10 +54,14 @@ def test_the_demo_shows_each_device_at_work_and_ends_with_bytes_both_ways(tmp_pa
     assert table_text(records) in out
     for rec in records:
         cells = dict(zip(COLUMNS, row(rec), strict=True))
-        assert rec["downlink_wire_bytes"] > 0 and rec["uplink_wire_bytes"] > 0
-        assert cells["downlink_B"] == f"{rec['downlink_wire_bytes']:,}"
-        assert float(cells["perplexity"]) == pytest.approx(math.exp(rec["eval"]["loss"]), 1e-3)
-    assert json.loads((tmp_path / "rounds.json").read_text()) == records
+        assert rec.downlink_wire_bytes > 0 and rec.uplink_wire_bytes > 0
+        assert cells["downlink_B"] == f"{rec.downlink_wire_bytes:,}"
+        assert rec.eval is not None and rec.eval.loss is not None
+        assert float(cells["perplexity"]) == pytest.approx(math.exp(rec.eval.loss), 1e-3)
+    # --json: the rounds.jsonl records, key for key.
+    lines = (workdir / "aggregator" / "rounds.jsonl").read_text().splitlines()
+    assert json.loads((tmp_path / "rounds.json").read_text()) == [json.loads(x) for x in lines]
+    assert [jsonable(r) for r in records] == [json.loads(x) for x in lines]
     # Held-out questions, answered by v0 and by the final adapter.
     assert "the initial adapter (v00000) and the final one (v00002)" in out
     assert len(re.findall(r"its perplexity: \d+\.\d under v00000, \d+\.\d under v00002", out)) == 3

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.exit_codes import ExitCode
+from common.exit_codes import ExitCode
 from fedfstq.errors import CliError
 from fedfstq.workdir import MARKER, claim_workdir
 

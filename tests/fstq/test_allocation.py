@@ -11,15 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fstq.allocation import (
-    FSTQ_VALUE_BITS,
-    TAG_BITS,
-    LevelCosts,
+    fstq_level_costs,
     fstq_thresholds,
     index_bits_estimate,
-    percentile_levels,
     policy_weights,
 )
 from fstq.ladder import find_boundary, gather, levels_at, make_blocks, price_histogram
+from fstq.percentile import percentile_levels
 from fstq.quantize import QMAX, expected_sq_error
 
 F32 = np.ndarray
@@ -34,7 +32,7 @@ def test_hull_prices_give_the_lagrangian_argmin(rounding: str, index_bits: float
     w = np.exp(rng.normal(0, 2, 4000)).astype(np.float32)
     amax = float(np.abs(x).max())
     scales = (0.2 * amax, 0.05 * amax)
-    costs = LevelCosts(FSTQ_VALUE_BITS, TAG_BITS, index_bits)
+    costs = fstq_level_costs(index_bits)
     # Act
     t = fstq_thresholds(x, w, scales, costs, rounding)  # type: ignore[arg-type]
     # Assert: at any price mu, #{b: t_b > mu} is argmin_b w*e_b + mu*C_b (brute force)
@@ -60,9 +58,7 @@ def test_prices_are_non_increasing_along_the_ladder() -> None:
     rng = np.random.default_rng(51)
     x = (rng.standard_normal(5000) * 1e-2).astype(np.float32)
     amax = float(np.abs(x).max())
-    t2, t4, t16 = fstq_thresholds(
-        x, None, (amax / 3, amax / 30), LevelCosts((2, 4, 16), 2, 4.0), "nearest"
-    )
+    t2, t4, t16 = fstq_thresholds(x, None, (amax / 3, amax / 30), fstq_level_costs(4.0), "nearest")
     assert np.all(t2 >= t4) and np.all(t4 >= t16)
 
 

@@ -20,23 +20,36 @@ from fstq.config import FstqConfig
 from fstq.errors import BudgetError, ConfigError
 
 
+def _floor_bytes(compressor: FstqCompressor | TopkCompressor, update: Update) -> int:
+    """The smallest payload of these tensors: an all-zero update sends nothing at any budget."""
+    zeros = {k: torch.zeros_like(v) for k, v in update.items()}
+    empty = compressor.compress(zeros, budget_bytes=10**9)
+    assert empty.report.n_sent == 0
+    return len(empty.payload)
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     update=updates(max_tensors=5),
     frac=st.floats(0.0, 2.5),
+    below=st.booleans(),
     method=st.sampled_from(["search", "absmax", "group", "topk"]),
 )
-def test_budget_is_never_exceeded(update: Update, frac: float, method: str) -> None:
-    # Arrange
+def test_budget_is_never_exceeded(update: Update, frac: float, below: bool, method: str) -> None:
+    # Arrange: a budget below the floor (framing + empty sections), or from the floor up to
+    # 2.5x the dense fp16 size above it; frac = 0 gives the two budgets next to the floor.
     compressor = TopkCompressor() if method == "topk" else FstqCompressor(scale_rule=method)  # type: ignore[arg-type]
-    minimal = len(compressor.compress(update, budget_bytes=10**9).payload) if not update else 0
-    budget = max(minimal, 60 * len(update) + 20) + int(frac * dense_fp16_bytes(update))
-    # Act
-    try:
-        result = compressor.compress(update, budget_bytes=budget)
-    except BudgetError:
-        return  # only legal when even empty sections do not fit (checked below)
-    # Assert
+    floor = _floor_bytes(compressor, update)
+    if below:
+        budget = floor - 1 - int(frac / 2.5 * (floor - 1))
+    else:
+        budget = floor + int(frac * dense_fp16_bytes(update))
+    # Act / Assert: BudgetError exactly when the budget is below the floor, else it is kept
+    if budget < floor:
+        with pytest.raises(BudgetError):
+            compressor.compress(update, budget_bytes=budget)
+        return
+    result = compressor.compress(update, budget_bytes=budget)
     assert len(result.payload) <= budget
     assert result.report.total == len(result.payload)
     decompress(result.payload)
@@ -71,6 +84,9 @@ def test_minimal_budget_sends_nothing_but_decodes() -> None:
     result = FstqCompressor().compress(update, budget_bytes=floor)
     assert result.report.n_sent == 0 and len(result.payload) <= floor
     assert all(torch.count_nonzero(t) == 0 for t in decompress(result.payload).values())
+    assert floor == _floor_bytes(FstqCompressor(), update)
+    with pytest.raises(BudgetError):
+        FstqCompressor().compress(update, budget_bytes=floor - 1)
 
 
 def test_fstq_budget_mode_requires_a_budget() -> None:

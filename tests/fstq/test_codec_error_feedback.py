@@ -9,11 +9,17 @@ import pytest
 import torch
 from codec_cases import dense_fp16_bytes, heavy_fisher, lora_update, mixed_update
 
-from fstq.compressors import Compressor, FstqCompressor, TopkCompressor, decompress
+from fstq.compressors import (
+    ErrorFeedbackCompressor,
+    FstqCompressor,
+    TopkCompressor,
+    compress_round,
+    decompress,
+)
 from fstq.config import FstqConfig
 from fstq.errors import ConfigError
 
-EF_COMPRESSORS: dict[str, Callable[[], Compressor]] = {
+EF_COMPRESSORS: dict[str, Callable[[], ErrorFeedbackCompressor]] = {
     "fstq_nearest": lambda: FstqCompressor(FstqConfig(error_feedback=True)),
     "fstq_stochastic": lambda: FstqCompressor(
         FstqConfig(error_feedback=True, rounding="stochastic")
@@ -30,7 +36,7 @@ EF_COMPRESSORS: dict[str, Callable[[], Compressor]] = {
 def test_error_feedback_identity_over_rounds(name: str) -> None:
     # Arrange
     rng = np.random.default_rng(20)
-    compressor: Compressor = EF_COMPRESSORS[name]()
+    compressor = EF_COMPRESSORS[name]()
     residual: dict[str, torch.Tensor] | None = None
     for _ in range(3):
         delta = lora_update(rng)
@@ -38,8 +44,8 @@ def test_error_feedback_identity_over_rounds(name: str) -> None:
         budget = None if name == "fstq_percentile" else dense_fp16_bytes(delta) // 6
         old = residual
         # Act
-        result = compressor.compress(
-            delta, fisher=fisher, budget_bytes=budget, residual=old, rng=rng
+        result = compress_round(
+            compressor, delta, fisher=fisher, budget_bytes=budget, residual=old, rng=rng
         )
         decoded = decompress(result.payload)
         # Assert

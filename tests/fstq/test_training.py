@@ -18,7 +18,8 @@ from fstq.adapter_state import get_adapter_state, set_adapter_state
 from fstq.config import FstqConfig
 from fstq.errors import ConfigError, FstqError
 from fstq.token_scores import TokenScores, rank_table, scored_positions, valid_targets
-from fstq.training import FstqTrainerCallback, FstqTrainingHook, RoundUpdate
+from fstq.trainer_callback import FstqTrainerCallback
+from fstq.training import FstqTrainingHook, RoundUpdate
 
 VOCAB = 49152
 
@@ -284,7 +285,7 @@ def test_lifecycle_errors(model: Any, batches: list[dict[str, torch.Tensor]]) ->
     with pytest.raises(FstqError):
         hook.loss(batches[0])
     with pytest.raises(FstqError):
-        hook.compress(budget_bytes=100)
+        hook.end_round()  # no round, no update to compress
     hook.begin_round()
     with pytest.raises(FstqError):
         hook.begin_round()
@@ -313,39 +314,9 @@ def test_hook_is_removed_after_the_round(
     assert not embedding(batches[0]["input_ids"]).requires_grad
 
 
-class _RecordingCompressor:
-    def __init__(self) -> None:
-        self.calls: list[dict[str, Any]] = []
-
-    def compress(self, delta: Mapping[str, torch.Tensor], **kwargs: Any) -> str:
-        self.calls.append({"delta": delta, **kwargs})
-        return "compressed"
-
-
-def test_compress_hands_delta_and_fisher_to_the_codec(
-    model: Any, batches: list[dict[str, torch.Tensor]]
-) -> None:
-    # Arrange
-    hook = FstqTrainingHook(model, FstqConfig(), TokenScores(VOCAB))
-    hook.begin_round()
-    hook.loss(batches[0]).backward()
-    hook.after_backward()
-    update = hook.end_round()
-    codec = _RecordingCompressor()
-
-    # Act
-    out = hook.compress(codec, budget_bytes=1234, residual=None, rng=7)
-
-    # Assert
-    (call,) = codec.calls
-    assert out == "compressed"
-    assert call["delta"] is update.delta and call["fisher"] is update.fisher
-    assert call["budget_bytes"] == 1234 and call["rng"] == 7 and call["residual"] is None
-
-
 def test_compress_with_the_fstq_codec(model: Any, batches: list[dict[str, torch.Tensor]]) -> None:
     # Arrange
-    from fstq.compressors import decompress
+    from fstq.compressors import FstqCompressor, decompress
 
     hook = FstqTrainingHook(model, FstqConfig(), TokenScores(VOCAB))
     opt = _optimizer(model)
@@ -355,16 +326,22 @@ def test_compress_with_the_fstq_codec(model: Any, batches: list[dict[str, torch.
         hook.after_backward()
         opt.step()
         opt.zero_grad()
-    delta, _ = hook.end_round()
+    delta, fisher = hook.end_round()
     dense_bytes = 4 * sum(v.numel() for v in delta.values())
 
-    # Act: the default compressor is FstqCompressor(config).
-    packed = hook.compress(budget_bytes=dense_bytes // 4, rng=np.random.default_rng(0))
+    # Act: the documented hand-off, the round's delta weighted by its Fisher.
+    packed = FstqCompressor(hook.config).compress(
+        delta, fisher=fisher, budget_bytes=dense_bytes // 4, rng=np.random.default_rng(0)
+    )
+    unweighted = FstqCompressor(hook.config).compress(
+        delta, budget_bytes=dense_bytes // 4, rng=np.random.default_rng(0)
+    )
     decoded = decompress(packed.payload)
 
-    # Assert: the codec took our keys and shapes, within the budget.
+    # Assert: the codec took our keys and shapes, within the budget, and used the Fisher.
     assert packed.method == "fstq" and len(packed.payload) <= dense_bytes // 4
     assert {k: v.shape for k, v in decoded.items()} == {k: v.shape for k, v in delta.items()}
+    assert fisher.keys() == delta.keys() and packed.payload != unweighted.payload
 
 
 # -- transformers.Trainer -------------------------------------------------------------------------

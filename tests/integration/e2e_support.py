@@ -30,12 +30,12 @@ import torch
 from aggregator.service import Aggregator
 from aggregator.settings import AggregatorSettings
 from broker.codec import decode, peek_kind
-from broker.errors import TopicError, WireError
+from broker.errors import WireError
 from broker.local import LocalBroker
 from broker.messages import UploadChunk, UploadManifest
 from broker.mqtt import MqttClient
 from broker.settings import MqttSettings
-from broker.topics import UploadTopic, parse_topic
+from broker.topics import UploadTopic, topic_as
 from broker.transport import Completion, DelegatingTransport, Message, PublishHandle, Will
 from edge_agent.agent import EdgeAgent
 from edge_agent.outbox import Outbox, OutboxEntry
@@ -198,13 +198,6 @@ class OffsetClock:
 # -- transport wrappers ---------------------------------------------------------------------
 
 
-def _is_upload(topic: str) -> bool:
-    try:
-        return isinstance(parse_topic(topic), UploadTopic)
-    except TopicError:
-        return False
-
-
 class AgentWire(DelegatingTransport):
     """An edge agent's real MQTT client, recording the upload messages it publishes.
 
@@ -247,29 +240,17 @@ class AgentWire(DelegatingTransport):
             parts = self.chunk_data[upload_id]
         return b"".join(parts[i] for i in range(len(parts)))
 
-    def publish(
-        self,
-        topic: str,
-        payload: bytes,
-        *,
-        qos: int = 1,
-        retain: bool = False,
-        expiry_s: int | None = None,
-        user_properties: Sequence[tuple[str, str]] = (),
-    ) -> PublishHandle:
-        upload = _is_upload(topic)
+    def send(self, message: Message) -> PublishHandle:
+        upload = topic_as(message.topic, UploadTopic) is not None
         if upload and self.hold is not None and not self.hold.is_set():
             self.held.set()
             if not self.hold.wait(60):
                 raise AssertionError("upload held for 60 s: the test never released it")
         if self.cut:  # the device is gone: nothing leaves it any more
-            return PublishHandle(0, topic, len(payload), Completion())
-        handle = super().publish(
-            topic, payload, qos=qos, retain=retain, expiry_s=expiry_s,
-            user_properties=user_properties,
-        )  # fmt: skip
+            return PublishHandle(0, message.topic, len(message.payload), Completion())
+        handle = super().send(message)
         if upload:
-            self._record(payload, handle)
+            self._record(message.payload, handle)
         return handle
 
     def _record(self, payload: bytes, handle: PublishHandle) -> None:
@@ -305,7 +286,7 @@ class AggregatorWire(DelegatingTransport):
 
     def receive(self, timeout: float | None = None) -> Message | None:
         msg = super().receive(timeout)
-        if msg is not None and msg.payload and _is_upload(msg.topic):
+        if msg is not None and msg.payload and topic_as(msg.topic, UploadTopic) is not None:
             try:
                 if peek_kind(msg.payload) == "up.chunk":
                     c = decode(msg.payload, expect=UploadChunk)

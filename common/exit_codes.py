@@ -1,8 +1,10 @@
-"""Process exit codes of the edge agent, one per failure class.
+"""Process exit codes of every ``fedfstq`` command, one per failure class.
 
-They are distinct so the systemd unit can tell "fix the configuration" from "try again later":
-``RestartPreventExitStatus=2 3 4`` stops restart loops on errors a restart cannot fix, while
-``Restart=on-failure`` retries ``BROKER_UNREACHABLE`` and ``UNEXPECTED``.
+One table for the edge agent, the aggregator and the other commands, so a script, a systemd unit
+or a container engine reads them all the same way. They are distinct so a supervisor can tell
+"fix the configuration" from "try again later": ``RestartPreventExitStatus=2 3 4`` stops restart
+loops on errors a restart cannot fix, while ``Restart=on-failure`` retries
+``BROKER_UNREACHABLE`` and ``UNEXPECTED``.
 """
 
 from __future__ import annotations
@@ -13,7 +15,11 @@ __all__ = ["ExitCode", "for_connect_refusal"]
 
 
 class ExitCode(IntEnum):
-    """Exit status of ``fedfstq agent``; ``help`` says what to do about it."""
+    """Exit status of ``fedfstq agent`` and ``fedfstq aggregator``; ``help`` says what it means.
+
+    ``fedfstq aggregator --check`` answers a health probe with 0 (healthy), 1 (unhealthy) or 2
+    (configuration error).
+    """
 
     help: str
 
@@ -23,11 +29,11 @@ class ExitCode(IntEnum):
         member.help = help
         return member
 
-    OK = 0, "stopped cleanly (signal, --max-rounds reached, or --check-config passed)"
+    OK = 0, "stopped cleanly (signal, max_rounds reached, or a check passed)"
     UNEXPECTED = 1, "unexpected error (a bug or a broken state directory); see the log"
     CONFIG = 2, "invalid configuration (TOML, environment, flags, or broker credentials)"
-    DATA = 3, "the local data file is missing, unreadable or has no valid examples"
-    MODEL = 4, "the base model or tokenizer could not be loaded"
+    DATA = 3, "a data file (training or evaluation) is missing, unreadable or has no examples"
+    MODEL = 4, "the base model, its tokenizer or a stored adapter could not be loaded"
     BROKER_UNREACHABLE = 5, "no connection to the MQTT broker within the start-up timeout"
 
 

@@ -1,6 +1,6 @@
-"""Context ids on every log line of a service process (both services use it, like the rest of
-broker/): a logging filter that stamps fields such as ``client``, ``fleet`` and ``round`` on
-records that do not carry them, so `--log-json` lines can be filtered by device or round.
+"""Context ids on every log line of a service process (both services use it): a logging filter
+that stamps fields such as ``client``, ``fleet`` and ``round`` on records that do not carry them,
+so `--log-json` lines can be filtered by device or round.
 """
 
 from __future__ import annotations
