@@ -140,6 +140,7 @@ def fit_budget(
     *,
     tolerance: float,
     max_evals: int = _MAX_FIT_PASSES,
+    empty: Callable[[], T] | None = None,
 ) -> T:
     """The plan of largest exact size ``<= budget`` found by adjusting the bit target.
 
@@ -148,7 +149,8 @@ def fit_budget(
     heads or framing), which gives the first secant slope. ``evaluate`` must be (nearly)
     monotone in the target; at target 0 nothing is taken (the caller checks that fits).
     Stops within ``tolerance`` (relative; at least 16 bytes) below the budget, else returns the
-    largest feasible plan seen, else the target-0 plan.
+    largest feasible plan seen, else the target-0 plan, else ``empty()`` when the target-0 plan
+    does not fit either (coordinates of infinite price are taken at any target).
     """
     slack = max(_MIN_SLACK_BYTES, tolerance * budget)
     aim = budget - _AIM_INTO_SLACK * slack
@@ -177,7 +179,8 @@ def fit_budget(
             break
     if best is not None:
         return best
-    return evaluate(0.0)[2]  # nothing taken: fits whenever the empty update does
+    size, _, found = evaluate(0.0)
+    return empty() if empty is not None and size > budget else found
 
 
 def _plans_at(
@@ -212,7 +215,10 @@ def _plans_within(
         plans = _plans_at(src, counts, steps, target_bits, tagged=tagged)
         return sum(p.total for p in plans), sum(p.elastic for p in plans), plans
 
-    return fit_budget(evaluate, avail_bytes, first_target, tolerance=FIT_TOLERANCE)
+    def empty() -> list[SparsePlan]:
+        return [plan(np.zeros(n, dtype=np.uint8), tagged=tagged) for n in src.sizes]
+
+    return fit_budget(evaluate, avail_bytes, first_target, tolerance=FIT_TOLERANCE, empty=empty)
 
 
 def _sample_target(

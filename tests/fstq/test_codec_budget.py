@@ -89,6 +89,23 @@ def test_minimal_budget_sends_nothing_but_decodes() -> None:
         FstqCompressor().compress(update, budget_bytes=floor - 1)
 
 
+@pytest.mark.parametrize("seed", range(12))
+def test_budget_at_the_floor_sends_nothing_when_the_sample_misses_the_top_prices(
+    seed: int,
+) -> None:
+    # Arrange: 1,040 coordinates: the price histogram comes from a strided sample, so the
+    # full update holds prices above the sample's top bin, taken even at bit target 0.
+    # Half of these seeds raised "fstq needs 38 bytes, budget is 28" before the fit fell back
+    # to the empty plan.
+    g = torch.Generator().manual_seed(seed)
+    update = {"t0.lora_A": torch.randn(8, 10, 13, generator=g) * 0.01}
+    floor = _floor_bytes(FstqCompressor(), update)
+    # Act
+    result = FstqCompressor().compress(update, budget_bytes=floor)
+    # Assert
+    assert len(result.payload) <= floor and result.report.n_sent == 0
+
+
 def test_fstq_budget_mode_requires_a_budget() -> None:
     with pytest.raises(ConfigError):
         FstqCompressor().compress(lora_update(np.random.default_rng(13), layers=1))
