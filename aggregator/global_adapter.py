@@ -4,9 +4,10 @@
   updates: averaging into fp16 would lose the small steps of late rounds.
 * The **peft directory** ``<state>/global/v%05d`` (stock layout, fp32) is the durable record and
   what anyone loads with ``PeftModel.from_pretrained(base, dir)``.
-* The **downlink** is the master cast to fp16 as safetensors bytes (decision 13: half the bytes
-  on the slow direction of most links), split into ``GlobalChunk``s once per version and kept in
-  memory to answer fetch requests.
+* The **full downlink payload** ``full(v)`` is the master cast to fp16 as safetensors bytes
+  (:func:`workload.catchup.canonical_bytes`); its SHA-256 is the manifest's ``sha256``, the id
+  every device's held state is compared with. How a device gets it (nothing, a catch-up, the
+  full payload) is :mod:`aggregator.downlink`'s business.
 """
 
 from __future__ import annotations
@@ -18,18 +19,31 @@ from pathlib import Path
 
 import torch
 
-from broker.chunking import global_messages
-from broker.messages import GlobalChunk, GlobalManifest
-from workload.adapters import adapter_to_bytes, load_peft_dir, save_peft_dir
+from broker.chunking import global_manifest
+from broker.messages import GlobalManifest
+from workload.adapters import load_peft_dir, save_peft_dir
+from workload.catchup import canonical_bytes
 from workload.models import LoraSpec
 
-__all__ = ["DOWNLINK_FORMAT", "GlobalAdapter", "LoraMismatchError"]
+__all__ = ["DOWNLINK_FORMAT", "GlobalAdapter", "InitialAdapter", "LoraMismatchError"]
 
 DOWNLINK_FORMAT = "safetensors-fp16"
 
 
 class LoraMismatchError(ValueError):
     """The stored global adapter was made with another LoRA configuration than the settings."""
+
+
+@dataclass(frozen=True)
+class InitialAdapter:
+    """What the manifest tells devices about v0 so they derive it (``downlink.derive_v0``): the
+    LoRA init seed and the SHA-256 of ``full(0)``."""
+
+    seed: int
+    sha256_hex: str
+
+    def metadata(self) -> dict[str, str | bool | int | float]:
+        return {"init_seed": self.seed, "v0_sha256": self.sha256_hex}
 
 
 @dataclass(frozen=True)
@@ -40,7 +54,7 @@ class GlobalAdapter:
     round_id: int
     master: dict[str, torch.Tensor]
     manifest: GlobalManifest
-    chunks: tuple[GlobalChunk, ...]
+    payload: bytes  # full(v): the canonical fp16 bytes
 
     @classmethod
     def build(
@@ -52,19 +66,26 @@ class GlobalAdapter:
         spec: LoraSpec,
         base_model: str,
         chunk_size: int,
+        initial: InitialAdapter | None = None,
     ) -> GlobalAdapter:
-        """Wrap fp32 ``master`` tensors and derive the fp16 downlink manifest and chunks."""
+        """Wrap fp32 ``master`` tensors and derive the fp16 downlink payload and manifest.
+
+        ``initial`` (announced in the manifest's metadata) lets devices derive v0 themselves.
+        """
         fp32 = {name: t.detach().to(torch.float32) for name, t in master.items()}
-        payload = adapter_to_bytes(fp32, dtype=torch.float16)
-        manifest, chunks = global_messages(
+        payload = canonical_bytes(fp32)
+        metadata = spec.to_metadata(base_model)
+        if initial is not None:
+            metadata |= initial.metadata()
+        manifest = global_manifest(
             payload,
             version=version,
             round_id=round_id,
             format=DOWNLINK_FORMAT,
             chunk_size=chunk_size,
-            metadata=spec.to_metadata(base_model),
+            metadata=metadata,
         )
-        return cls(version, round_id, fp32, manifest, chunks)
+        return cls(version, round_id, fp32, manifest, payload)
 
     @property
     def sha256_hex(self) -> str:
@@ -95,13 +116,15 @@ class GlobalAdapter:
         spec: LoraSpec,
         base_model: str,
         chunk_size: int,
+        initial: InitialAdapter | None = None,
     ) -> GlobalAdapter:
         """Read a stored version back; refuse one made with another LoRA configuration."""
         check_lora_config(directory, spec)
         master = load_peft_dir(directory)
         return cls.build(
-            version, round_id, master, spec=spec, base_model=base_model, chunk_size=chunk_size
-        )
+            version, round_id, master, spec=spec, base_model=base_model, chunk_size=chunk_size,
+            initial=initial,
+        )  # fmt: skip
 
 
 def check_lora_config(directory: Path, spec: LoraSpec) -> None:

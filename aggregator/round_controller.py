@@ -17,30 +17,48 @@ import enum
 import logging
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from aggregator.adapter_model import AdapterModel
+from aggregator.downlink import Downlink
 from aggregator.fedavg import CheckedUpdate, RejectedUpdate, StreamingFedAvg, apply_delta
-from aggregator.global_adapter import GlobalAdapter
+from aggregator.global_adapter import GlobalAdapter, InitialAdapter
 from aggregator.metrics import RoundMetrics, append_jsonl
-from aggregator.round_result import ClientUpload, HeldOutEval, RoundResult, RoundStatus, ratio
+from aggregator.round_result import (
+    ClientUpload,
+    DownlinkAccount,
+    HeldOutEval,
+    RoundResult,
+    RoundStatus,
+    ratio,
+)
 from aggregator.rounds import Decision, RoundState, decide, select_clients
 from aggregator.settings import AggregatorSettings
 from aggregator.store import AcceptedUpload, AggregatorStore, GlobalRecord, RoundRecord
 from broker.messages import RoundAnnouncement, UploadManifest
+from common import atomic
 from common.record import jsonable
 from fstq.compressors import DecodeLimits, decompress
 from fstq.errors import DecodeError as PayloadDecodeError
+from workload.adapters import (
+    AdapterFormatError,
+    adapter_from_bytes,
+    adapter_to_bytes,
+    load_peft_dir,
+)
 from workload.batches import Example
 from workload.models import base_model_reference
 
-__all__ = ["Event", "OpenRound", "RoundController"]
+__all__ = ["DERIVED", "Event", "OpenRound", "RoundController"]
 
 log = logging.getLogger("aggregator.service")
+
+#: Upload manifest metadata ``downlink_route`` of a device that derived v0 instead of fetching.
+DERIVED = "derived"
 
 
 class Event(enum.Enum):
@@ -90,6 +108,11 @@ class RoundController:
         self.counters: Counter[str] = Counter()
         #: The ``rounds.jsonl`` record of the round that ended last (this process).
         self.last_record: RoundResult | None = None
+        #: Plans how each device gets the current global adapter (decision 13).
+        self.downlink = Downlink(
+            settings.downlink, store, chunk_size=settings.chunk_size,
+            load_master=self._load_master, fisher=self._fisher,
+        )  # fmt: skip
 
     # -- state -------------------------------------------------------------------------------
 
@@ -116,7 +139,10 @@ class RoundController:
         s = self.settings
         latest = self.store.latest_global()
         if latest is None:
-            g = self._build(0, 0, self._model.initial_state())
+            initial = self._model.initial_state()
+            g = self._build(0, 0, initial)
+            if s.downlink.derive_v0:  # the manifest names v0's own hash
+                g = self._build(0, 0, initial, g.sha256_hex)
             self._save(g, None, now)
             log.info("created global adapter v0 (%d bytes on the downlink)", g.downlink_size)
         else:
@@ -127,10 +153,12 @@ class RoundController:
                 spec=self._spec,
                 base_model=s.model,
                 chunk_size=s.chunk_size,
+                initial=self._initial(),
             )
             if g.sha256_hex != latest.sha256:
                 log.warning("global v%d re-encodes to another SHA-256 than recorded", g.version)
         self._global = g
+        self.downlink.publish(g)
         # An honest payload never describes more tensors or coordinates than the adapter has.
         self.decode_limits = DecodeLimits(
             max_tensors=len(g.master), max_total_elements=sum(t.numel() for t in g.master.values())
@@ -197,6 +225,8 @@ class RoundController:
         if not self.store.accept_upload(upload):
             raise RejectedUpdate("duplicate", f"{client} already has an upload this round")
         self._fold(rnd, upload, checked)
+        if manifest.metadata.get("downlink_route") == DERIVED:  # no fetch told us about it
+            rnd.metrics.downlink.add(DERIVED, None, 1, 0, 0)
 
     def _fold(self, rnd: OpenRound, up: AcceptedUpload, checked: CheckedUpdate) -> None:
         """Add a validated update to the running sum and the round's bookkeeping."""
@@ -255,7 +285,7 @@ class RoundController:
                      extra={"round": rnd.round_id})  # fmt: skip
             return Event.EXTENDED
         if decision is Decision.FAIL:
-            self._finish(rnd, "failed", self.current.version, now, None)
+            self._finish(rnd, "failed", self.current.version, now, None, self._downlink_of(rnd))
             log.warning(
                 "round %d failed: %d of quorum %d arrived; global stays v%d",
                 rnd.round_id, len(rnd.state.arrived), rnd.state.quorum, self.current.version,
@@ -307,8 +337,13 @@ class RoundController:
         # restart closes it again from the stored uploads, rather than finding v+1 recorded and
         # the round's metrics line (with its eval) never written.
         self._save(new, rnd.round_id, now)
+        downlink = self._downlink_of(rnd)
         self._global = new
-        self._finish(rnd, "closed", new.version, now, evaluation, time.perf_counter() - started)
+        self.downlink.publish(new)
+        if self.settings.downlink.fisher:  # now, so its cost shows in close_s, not in a fetch
+            self.downlink.prepare()
+        took = time.perf_counter() - started
+        self._finish(rnd, "closed", new.version, now, evaluation, downlink, took)
         log.info(
             "round %d closed with %d/%d uploads: global v%d (eval %s)",
             rnd.round_id, len(rnd.state.arrived), len(rnd.state.selected), new.version,
@@ -322,6 +357,7 @@ class RoundController:
         version: int,
         now: float,
         evaluation: HeldOutEval | None,
+        downlink: DownlinkAccount,
         close_s: float = 0.0,
     ) -> None:
         record = rnd.metrics.record(
@@ -331,6 +367,7 @@ class RoundController:
             evaluation=evaluation,
             clipped=rnd.fedavg.clipped,
             close_s=close_s,
+            downlink=downlink,
         )
         self.last_record = record
         append_jsonl(self.settings.rounds_path, record)
@@ -355,13 +392,62 @@ class RoundController:
             budget_bytes={c: budget for c in rnd.state.selected} if budget else {},
         )
 
+    def _downlink_of(self, rnd: OpenRound) -> DownlinkAccount:
+        """The round's downlink record (before a new global replaces the one it started on)."""
+        full = self.current.manifest.total_size
+        d = self.settings.downlink
+        return rnd.metrics.downlink.account(d.mode, self.downlink.budget, full)
+
     # -- global adapter versions -------------------------------------------------------------
 
-    def _build(self, version: int, round_id: int, master: dict[str, torch.Tensor]) -> GlobalAdapter:
+    def _initial(self, v0_sha256_hex: str | None = None) -> InitialAdapter | None:
+        """What the manifest says about v0 so devices derive it (None: derive_v0 is off)."""
+        if not self.settings.downlink.derive_v0:
+            return None
+        if v0_sha256_hex is None:
+            v0 = self.store.global_record(0)
+            if v0 is None:
+                return None
+            v0_sha256_hex = v0.sha256
+        return InitialAdapter(self.settings.init_seed, v0_sha256_hex)
+
+    def _build(
+        self,
+        version: int,
+        round_id: int,
+        master: dict[str, torch.Tensor],
+        v0_sha256_hex: str | None = None,
+    ) -> GlobalAdapter:
         s = self.settings
         return GlobalAdapter.build(
-            version, round_id, master, spec=self._spec, base_model=s.model, chunk_size=s.chunk_size
-        )
+            version, round_id, master, spec=self._spec, base_model=s.model,
+            chunk_size=s.chunk_size, initial=self._initial(v0_sha256_hex),
+        )  # fmt: skip
+
+    def _load_master(self, version: int) -> dict[str, torch.Tensor] | None:
+        """A stored global version's master (a catch-up root); None if it is gone."""
+        try:
+            return load_peft_dir(self.settings.global_dir(version))
+        except (AdapterFormatError, OSError) as exc:
+            log.warning("global v%d is not readable: %s", version, exc)
+            return None
+
+    def _fisher(self, g: GlobalAdapter) -> Mapping[str, torch.Tensor] | None:
+        """The held-out coordinate Fisher at ``g`` (``downlink.fisher``): from its file, else
+        computed (one backward pass over the held-out set) and saved; None without a held-out
+        set."""
+        path = self.settings.fisher_path(g.version)
+        try:
+            return adapter_from_bytes(path.read_bytes())
+        except (OSError, AdapterFormatError):
+            pass
+        if not self._eval_examples:
+            log.warning("downlink.fisher needs eval.path: catch-ups weigh by magnitude")
+            return None
+        fisher = self._model.fisher(g.master, self._eval_examples)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic.write_bytes(path, adapter_to_bytes(fisher))
+        return fisher
 
     def _save(self, g: GlobalAdapter, round_id: int | None, now: float) -> None:
         directory = self.settings.global_dir(g.version)

@@ -14,9 +14,18 @@ from typing import Annotated, Literal
 from pydantic import Field
 from pydantic.dataclasses import dataclass
 
-from common.record import RECORD_CONFIG, from_json
+from common.record import RECORD_CONFIG, from_json, omitted_if_none
 
-__all__ = ["ClientUpload", "HeldOutEval", "RoundResult", "RoundStatus", "ratio", "read_rounds"]
+__all__ = [
+    "ClientUpload",
+    "DownlinkAccount",
+    "DownlinkTraffic",
+    "HeldOutEval",
+    "RoundResult",
+    "RoundStatus",
+    "ratio",
+    "read_rounds",
+]
 
 RoundStatus = Literal["closed", "failed"]
 
@@ -47,6 +56,33 @@ class ClientUpload:
     sample_count: int
     norm: float
     wire_bytes: int
+
+
+@dataclass(frozen=True, kw_only=True, config=RECORD_CONFIG)
+class DownlinkTraffic:
+    """Downlink of one route or staleness: plans served, chunk data and MQTT bytes sent."""
+
+    fetches: int  # plans served (route "derived": devices that derived v0, no bytes)
+    payload_bytes: int  # chunk data
+    wire_bytes: int  # PUBLISH packets: the plan messages and the chunks
+
+
+@dataclass(frozen=True, kw_only=True, config=RECORD_CONFIG)
+class DownlinkAccount:
+    """How the round's devices got the global adapter it started from (decision 13)."""
+
+    mode: str  # downlink.mode: catchup | full
+    budget_bytes: int  # catch-up budget
+    full_bytes: int  # the full fp16 adapter of the round's base version
+    routes: dict[str, DownlinkTraffic]  # none | catchup | full | derived
+    staleness: dict[str, DownlinkTraffic]  # versions behind ("0", "1", ...), new, unknown
+    plans_computed: int  # catch-up payloads compressed this round
+    plans_reused: int  # plans answered from memory or the store (shared, asked again)
+    plan_compute_s: float
+    #: Mean over the computed catch-ups of ||master - result|| / ||master - held|| (what the
+    #: catch-up left of the gap) and of ||master - result|| / ||master||.
+    catchup_error: float | None
+    catchup_error_vs_master: float | None
 
 
 @dataclass(frozen=True, kw_only=True, config=RECORD_CONFIG)
@@ -83,6 +119,8 @@ class RoundResult:
     closed_at: float
     duration_s: float
     close_s: float  # aggregation, evaluation and saving of the new global adapter
+    #: Downlink by route and staleness (absent from records written before issue 12).
+    downlink: DownlinkAccount | None = omitted_if_none()
 
 
 def read_rounds(path: Path) -> list[RoundResult]:

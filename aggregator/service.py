@@ -14,10 +14,11 @@ import logging
 import threading
 import time
 from collections import Counter, OrderedDict, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 from aggregator.adapter_model import AdapterModel, ModelLoader, default_loader, load_eval_examples
+from aggregator.downlink import ServedPlan
 from aggregator.fedavg import RejectedUpdate
 from aggregator.metrics import received_wire_bytes
 from aggregator.progress import ProgressReporter
@@ -32,7 +33,6 @@ from broker.errors import (
     BitmapError,
     ExpiredError,
     OriginError,
-    StaleVersionError,
     TopicError,
     TransferError,
     TransportError,
@@ -45,7 +45,9 @@ from broker.messages import (
     AckStatus,
     ClientState,
     ClientStatus,
+    DownlinkPlan,
     FetchRequest,
+    GlobalChunk,
     UploadAck,
     UploadChunk,
     UploadManifest,
@@ -122,6 +124,8 @@ class Aggregator:
         #: Prometheus metrics (private registry); served when ``metrics_port`` is set.
         self.prometheus = ServiceMetrics(settings.fleet)
         self._throttle: OrderedDict[UploadKey, float] = OrderedDict()
+        #: (client, plan) -> the staleness label of the plan request, for its chunks' bytes.
+        self._fetch_staleness: OrderedDict[tuple[str, bytes], str] = OrderedDict()
         self._last_seen: dict[str, float] = {}
         self._retained: list[PublishHandle] = []
         self._progress = ProgressReporter(settings.fleet, settings.progress_interval_s)
@@ -269,21 +273,51 @@ class Aggregator:
             self._last_seen[topic.client] = now
 
     def _on_fetch(self, topic: FetchTopic, request: FetchRequest, now: float) -> None:
-        g = self.rounds.current
-        try:
-            chunks = chunks_for_fetch(g.manifest, g.chunks, request)
-        except StaleVersionError:  # the device re-reads the retained manifest
-            log.debug("stale fetch for v%d from %s", request.version, topic.client)
+        """A plan request (no ``plan``) gets a :class:`DownlinkPlan`; a chunk request gets the
+        wanted chunks of its plan, or a new plan when that one is not (or no longer) known."""
+        client, downlink = topic.client, self.rounds.downlink
+        if request.version != self.global_version:  # the device re-reads the retained manifest
+            log.debug("stale fetch for v%d from %s", request.version, client)
             self.counters["stale_fetch"] += 1
             return
-        except BitmapError as exc:
-            self._note_rejection(None, topic.client, exc.reason, str(exc), now)
+        served = None if request.plan is None else downlink.served(request.plan)
+        if served is None:
+            outcome = downlink.plan(client, request.held, now)  # durable before it is sent
+            served = outcome.served
+            self._fetch_staleness[(client, served.message.plan)] = outcome.staleness
+            self._fetch_staleness.move_to_end((client, served.message.plan))
+            while len(self._fetch_staleness) > _MAX_THROTTLED:
+                self._fetch_staleness.popitem(last=False)
+            self.rounds.metrics.downlink.planned(
+                outcome.computed, outcome.compute_s, outcome.error, outcome.error_vs_master
+            )
+            self._send_downlink(client, served, [served.message], outcome.staleness)
             return
-        dest = down_topic(self._fleet, topic.client)
+        try:
+            chunks = chunks_for_fetch(served.message, served.chunks, request)
+        except BitmapError as exc:
+            self._note_rejection(None, client, exc.reason, str(exc), now)
+            return
+        staleness = self._fetch_staleness.get((client, served.message.plan))
+        self._send_downlink(client, served, chunks, staleness)
+
+    def _send_downlink(
+        self,
+        client: str,
+        served: ServedPlan,
+        messages: Sequence[DownlinkPlan | GlobalChunk],
+        staleness: str | None,
+    ) -> None:
+        """Publish a plan or its chunks on ``down/<client>`` and count them (route, staleness)."""
+        dest = down_topic(self._fleet, client)
         expiry = self.settings.downlink_expiry_s
-        wire = sum(self._publish(dest, encode(c), expiry_s=expiry).size for c in chunks)
-        payload = sum(len(c.data) for c in chunks)
-        self.rounds.metrics.add_downlink(len(chunks), payload, wire)
+        wire = sum(self._publish(dest, encode(m), expiry_s=expiry).size for m in messages)
+        payload = sum(len(m.data) for m in messages if isinstance(m, GlobalChunk))
+        chunks = sum(isinstance(m, GlobalChunk) for m in messages)
+        plans = len(messages) - chunks
+        metrics = self.rounds.metrics
+        metrics.add_downlink(chunks, payload, wire)
+        metrics.downlink.add(served.route.value, staleness, plans, payload, wire)
         self.prometheus.downlink(wire, payload)
 
     # -- uploads -----------------------------------------------------------------------------
@@ -519,6 +553,7 @@ class Aggregator:
                 self._forget(key)
             if event is Event.CLOSED:
                 self._publish_global()
+            self.rounds.downlink.collect_garbage()
         self._report_progress(event, now)
 
     # -- publishing --------------------------------------------------------------------------

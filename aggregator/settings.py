@@ -18,7 +18,7 @@ its own and tests/aggregator/test_settings.py holds them equal (a configuration 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Self
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 from pydantic_settings import SettingsConfigDict
@@ -36,6 +36,7 @@ __all__ = [
     "DB_FILE",
     "HEALTH_FILE",
     "AggregatorSettings",
+    "DownlinkSettings",
     "EvalSettings",
     "InboxSettings",
     "LoraSettings",
@@ -151,6 +152,33 @@ class EvalSettings(BaseModel):
     batch_size: Annotated[int, Field(ge=1)] = 16
 
 
+class DownlinkSettings(BaseModel):
+    """How devices get each new global adapter (decision 13; docs/architecture.md)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    #: "catchup": a device holding an older state gets an fstq payload on top of it (one per
+    #: fetch, whatever its staleness); "full": always the whole fp16 adapter (the baseline).
+    mode: Literal["catchup", "full"] = "catchup"
+    #: Size of a catch-up payload in bytes; None = budget_fraction of the dense fp16 adapter.
+    budget_bytes: Annotated[int, Field(ge=64)] | None = None
+    budget_fraction: Annotated[float, Field(gt=0, le=1)] = 0.125
+    #: Catch-ups chained on one full adapter before a device gets the full adapter again (the
+    #: chain is also cut when its payloads add up to more than the full adapter).
+    max_chain: Annotated[int, Field(ge=1, le=1024)] = 16
+    #: Weigh the catch-up's bit allocation by a coordinate Fisher of the held-out loss at each
+    #: new global (needs eval.path; one backward pass over the held-out set per round).
+    fisher: bool = False
+    #: Announce the initial adapter's seed and hash, so devices derive v0 instead of fetching it.
+    derive_v0: bool = True
+
+    def budget_for(self, full_bytes: int) -> int:
+        """The catch-up budget for a dense fp16 adapter of ``full_bytes`` bytes."""
+        if self.budget_bytes is not None:
+            return self.budget_bytes
+        return max(64, round(self.budget_fraction * full_bytes))
+
+
 class AggregatorSettings(MqttServiceSettings):
     """Everything the aggregator service needs."""
 
@@ -173,6 +201,7 @@ class AggregatorSettings(MqttServiceSettings):
     #: Scale each update down to at most this L2 norm before averaging; None = no bound.
     clip_norm: Positive | None = None
     eval: EvalSettings = EvalSettings()
+    downlink: DownlinkSettings = DownlinkSettings()
     #: Per-round metrics (one JSON object per line); None = <state_dir>/rounds.jsonl.
     metrics_path: Path | None = None
     #: Prometheus endpoint (/metrics): TCP port, 0 = off; bind address (loopback by default:
@@ -220,3 +249,7 @@ class AggregatorSettings(MqttServiceSettings):
 
     def global_dir(self, version: int) -> Path:
         return self.state_dir / "global" / f"v{version:05d}"
+
+    def fisher_path(self, version: int) -> Path:
+        """The held-out coordinate Fisher of a global version (``downlink.fisher``)."""
+        return self.state_dir / "downlink" / f"fisher-v{version:05d}.safetensors"

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from aggregator.downlink_store import DownlinkStore
+
 __all__ = ["AcceptedUpload", "AggregatorStore", "GlobalRecord", "RoundRecord"]
 
 _SCHEMA = """
@@ -103,6 +105,8 @@ class AggregatorStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        #: The catch-up downlink's states, plans and per-device records (same file).
+        self.downlink = DownlinkStore(self._db)
 
     def close(self) -> None:
         self._db.close()
@@ -228,4 +232,15 @@ class AggregatorStore:
 
     def latest_global(self) -> GlobalRecord | None:
         row = self._db.execute("SELECT * FROM globals ORDER BY version DESC LIMIT 1").fetchone()
+        return GlobalRecord(*row) if row else None
+
+    def global_record(self, version: int) -> GlobalRecord | None:
+        row = self._db.execute("SELECT * FROM globals WHERE version = ?", (version,)).fetchone()
+        return GlobalRecord(*row) if row else None
+
+    def global_with_sha256(self, sha256_hex: str) -> GlobalRecord | None:
+        """The version whose full fp16 adapter has this SHA-256 (the newest, if several)."""
+        row = self._db.execute(
+            "SELECT * FROM globals WHERE sha256 = ? ORDER BY version DESC LIMIT 1", (sha256_hex,)
+        ).fetchone()
         return GlobalRecord(*row) if row else None

@@ -5,16 +5,79 @@ from __future__ import annotations
 import functools
 import logging
 import ssl
+import threading
 from collections.abc import Callable
-from typing import ParamSpec
+from typing import ParamSpec, TypeVar
 
-from broker.errors import ConnectError
-from broker.settings import TlsSettings
+from broker.errors import ConnectError, TransportError
+from broker.settings import MqttSettings, TlsSettings
+from broker.transport import Message
 
-__all__ = ["guarded", "paho_logger", "tls_context"]
+__all__ = ["RetainedRefresh", "clean_session", "guarded", "paho_logger", "tls_context"]
 
 _log = logging.getLogger("broker.mqtt")
 P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def clean_session(settings: MqttSettings) -> bool:
+    """The MQTT 3.1.1 CleanSession flag standing in for MQTT 5's clean start + session expiry.
+
+    3.1.1 has no Session Expiry Interval: a persistent session (False) lasts until the broker's
+    own expiry setting ends it, so ``session_expiry_s`` only decides *whether* to keep one.
+    """
+    return settings.clean_start or settings.session_expiry_s == 0
+
+
+class RetainedRefresh:
+    """The last retained message this client sent per topic, re-sent now and then.
+
+    A broker whose retained store is per node (ejabberd 23.01) gives a retained message only to
+    subscribers of the node it was published through, and a node that died takes its copies
+    with it. Re-sending them every ``period_s`` and after each reconnect (:meth:`wake`) puts
+    them on the node this client is connected to; subscribers elsewhere get them live.
+    """
+
+    def __init__(self, period_s: float, resend: Callable[[Message], None], name: str) -> None:
+        self._period_s, self._resend = period_s, resend
+        self._lock = threading.Lock()
+        self._latest: dict[str, Message] = {}
+        self._wake, self._stop = threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"retained-{name}", daemon=True)
+
+    def send(self, message: Message, publish: Callable[[], T]) -> T:
+        """Record ``message`` and ``publish()`` it under one lock, so a refresh never re-sends an
+        older copy after a newer one went out. An empty payload deletes: nothing to re-send."""
+        with self._lock:
+            result = publish()
+            if message.payload:
+                self._latest[message.topic] = message
+            else:
+                self._latest.pop(message.topic, None)
+            return result
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self._period_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            with self._lock:
+                for message in self._latest.values():
+                    try:
+                        self._resend(message)
+                    except TransportError as exc:  # e.g. closed meanwhile: the next turn retries
+                        _log.debug("retained %s not re-sent: %s", message.topic, exc)
 
 
 def guarded(callback: Callable[P, None]) -> Callable[P, None]:

@@ -7,8 +7,10 @@
   checked before anything is allocated.
 * :func:`upload_messages` / :func:`chunks_missing` are the device side of the uplink; the
   aggregator side (many uploads, bounded memory) is :class:`broker.inbox.Inbox`.
-* :class:`Download` (device, downlink) reassembles the global adapter and builds
-  :class:`FetchRequest` bitmaps; :func:`chunks_for_fetch` answers them on the aggregator side.
+* :func:`global_manifest` describes a global adapter version; :func:`plan_messages` cuts the
+  payload of one downlink plan (full adapter or catch-up) into chunks;
+  :class:`Download` (device) reassembles a plan's payload and builds :class:`FetchRequest`
+  bitmaps; :func:`chunks_for_fetch` answers them on the aggregator side.
 
 Every rejection is a typed :class:`~broker.errors.WireError` whose ``reason`` is a metrics label.
 """
@@ -35,6 +37,8 @@ from broker.errors import (
 from broker.messages import (
     DEFAULT_CHUNK_SIZE,
     AckStatus,
+    DownlinkPlan,
+    DownlinkRoute,
     FetchRequest,
     GlobalChunk,
     GlobalManifest,
@@ -57,8 +61,9 @@ __all__ = [
     "chunks_missing",
     "crc32",
     "full_bitmap",
-    "global_messages",
+    "global_manifest",
     "indices_from_bitmap",
+    "plan_messages",
     "split",
     "upload_messages",
 ]
@@ -115,7 +120,7 @@ class TransferSpec:
             raise TransferError("chunk_count inconsistent with sizes", reason="bad_spec")
 
     @classmethod
-    def of(cls, manifest: UploadManifest | GlobalManifest) -> TransferSpec:
+    def of(cls, manifest: UploadManifest | GlobalManifest | DownlinkPlan) -> TransferSpec:
         return cls(manifest.total_size, manifest.chunk_count, manifest.chunk_size, manifest.sha256)
 
     def length_of(self, index: int) -> int:
@@ -302,10 +307,10 @@ def chunks_missing(chunks: Sequence[UploadChunk], ack: UploadAck) -> list[Upload
     return [c for c in chunks if c.index in missing]
 
 
-# -- downlink: global adapter (aggregator builds, device downloads) -----------------------------
+# -- downlink: global adapter and plans (aggregator builds, device downloads) ------------------
 
 
-def global_messages(
+def global_manifest(
     payload: bytes,
     *,
     version: int,
@@ -313,10 +318,15 @@ def global_messages(
     format: str,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     metadata: Mapping[str, str | bool | int | float] | None = None,
-) -> tuple[GlobalManifest, tuple[GlobalChunk, ...]]:
-    """Manifest and chunks of a global adapter (aggregator side)."""
-    spec, pieces = split(payload, chunk_size)
-    manifest = GlobalManifest(
+) -> GlobalManifest:
+    """The retained manifest of a global adapter version whose full payload is ``payload``."""
+    spec = TransferSpec(
+        len(payload),
+        chunk_count_for(len(payload), chunk_size),
+        chunk_size,
+        hashlib.sha256(payload).digest(),
+    )
+    return GlobalManifest(
         version=version,
         round=round_id,
         total_size=spec.total_size,
@@ -326,58 +336,88 @@ def global_messages(
         format=format,
         metadata=dict(metadata or {}),
     )
-    chunks = tuple(
-        GlobalChunk(version=version, index=p.index, crc32=p.crc32, data=p.data) for p in pieces
+
+
+def plan_messages(
+    payload: bytes,
+    *,
+    version: int,
+    route: DownlinkRoute,
+    plan: bytes,
+    base: bytes | None,
+    result: bytes,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> tuple[DownlinkPlan, tuple[GlobalChunk, ...]]:
+    """A downlink plan and the chunks of its payload (aggregator side)."""
+    spec, pieces = split(payload, chunk_size)
+    message = DownlinkPlan(
+        version=version,
+        route=route,
+        plan=plan,
+        base=base,
+        result=result,
+        total_size=spec.total_size,
+        chunk_count=spec.chunk_count,
+        chunk_size=spec.chunk_size,
+        sha256=spec.sha256,
     )
-    return manifest, chunks
+    chunks = tuple(
+        GlobalChunk(version=version, plan=plan, index=p.index, crc32=p.crc32, data=p.data)
+        for p in pieces
+    )
+    return message, chunks
 
 
 def chunks_for_fetch(
-    manifest: GlobalManifest,
+    plan: DownlinkPlan,
     chunks: Sequence[GlobalChunk],
     request: FetchRequest,
     *,
     max_chunks: int | None = None,
 ) -> list[GlobalChunk]:
-    """Answer a fetch: the wanted chunks (at most ``max_chunks``), in index order.
+    """Answer a fetch of ``plan``'s chunks: the wanted ones (at most ``max_chunks``), in order.
 
     An empty ``wanted`` bitmap means "everything". Raises StaleVersionError if the request is
-    for another version (the device should re-read the retained manifest), BitmapError if the
-    bitmap does not fit the manifest.
+    for another version or plan (the device re-reads the manifest or asks for a new plan),
+    BitmapError if the bitmap does not fit the plan.
     """
-    if request.version != manifest.version:
-        raise StaleVersionError(f"fetch for version {request.version}, current {manifest.version}")
+    if request.version != plan.version or request.plan != plan.plan:
+        raise StaleVersionError(
+            f"fetch for v{request.version} plan {(request.plan or b'').hex()[:12]}, serving "
+            f"v{plan.version} plan {plan.plan.hex()[:12]}"
+        )
     if request.wanted:
-        wanted = indices_from_bitmap(request.wanted, manifest.chunk_count)
+        wanted = indices_from_bitmap(request.wanted, plan.chunk_count)
     else:
-        wanted = list(range(manifest.chunk_count))
+        wanted = list(range(plan.chunk_count))
     return [chunks[i] for i in wanted[:max_chunks]]
 
 
 class Download:
-    """Device side of the downlink: one global adapter version."""
+    """Device side of the downlink: the payload of one plan, fetched holding state ``held``."""
 
     def __init__(
         self,
-        manifest: GlobalManifest,
+        plan: DownlinkPlan,
         *,
+        held: bytes | None,
         limits: TransferLimits | None = None,
         expires_at: float = math.inf,
     ) -> None:
-        self.manifest = manifest
-        self.reassembler = Reassembler(
-            TransferSpec.of(manifest), limits=limits, expires_at=expires_at
-        )
+        self.plan = plan
+        self.held = held
+        self.reassembler = Reassembler(TransferSpec.of(plan), limits=limits, expires_at=expires_at)
 
     @property
     def complete(self) -> bool:
         return self.reassembler.complete
 
     def add(self, chunk: GlobalChunk) -> bool:
-        """Store a chunk (False for a duplicate); StaleVersionError if it is another version."""
-        if chunk.version != self.manifest.version:
+        """Store a chunk (False for a duplicate); StaleVersionError if it is of another plan."""
+        if chunk.version != self.plan.version or chunk.plan != self.plan.plan:
             raise StaleVersionError(
-                f"chunk of version {chunk.version}, downloading {self.manifest.version}"
+                f"chunk of v{chunk.version} plan {chunk.plan.hex()[:12]}, downloading "
+                f"v{self.plan.version} plan {self.plan.plan.hex()[:12]}"
             )
         return self.reassembler.add(chunk.index, chunk.crc32, chunk.data)
 
@@ -385,8 +425,10 @@ class Download:
         """Ask for the missing chunks (the first ``max_chunks`` of them, if given)."""
         missing = self.reassembler.missing()[:max_chunks]
         return FetchRequest(
-            version=self.manifest.version,
-            wanted=bitmap_from_indices(missing, self.manifest.chunk_count),
+            version=self.plan.version,
+            held=self.held,
+            plan=self.plan.plan,
+            wanted=bitmap_from_indices(missing, self.plan.chunk_count),
         )
 
     def payload(self) -> bytes:

@@ -1,6 +1,6 @@
 """msgpack encoding of wire messages: a versioned envelope, a kind registry, hard decode limits.
 
-Envelope: one msgpack map ``{"v": 1, "kind": "<kind>", <fields of the model>...}``; bytes
+Envelope: one msgpack map ``{"v": 2, "kind": "<kind>", <fields of the model>...}``; bytes
 fields are msgpack ``bin``, tuples arrays, floats float64. Encoding is deterministic (field
 order is the model's declaration order), which the golden files in ``tests/broker/golden/``
 pin down.
@@ -27,6 +27,7 @@ from broker.messages import (
     MAX_META_STR,
     PROTOCOL_VERSION,
     ClientStatus,
+    DownlinkPlan,
     FetchRequest,
     GlobalChunk,
     GlobalManifest,
@@ -52,6 +53,7 @@ KINDS: Final[dict[str, type[WireMessage]]] = {
         UploadAck,
         GlobalManifest,
         FetchRequest,
+        DownlinkPlan,
         GlobalChunk,
         ClientStatus,
         RoundProgress,

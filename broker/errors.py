@@ -170,7 +170,8 @@ class OriginError(TransferError):
 
 
 class StaleVersionError(TransferError):
-    """A fetch request names a global adapter version that is not the current one."""
+    """A fetch or chunk names a global adapter version (or downlink plan) other than the one
+    being served or downloaded."""
 
     default_reason = "stale_version"
 

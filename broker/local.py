@@ -10,25 +10,29 @@ overrides (listener, persistence location, logging, password/ACL/TLS paths), so 
 test are the production ones. The broker is stopped by PID: SIGTERM (Mosquitto saves its
 persistence database), then SIGKILL after a grace period. :meth:`LocalBroker.restart` brings it
 back on the same port with the same persistence directory; :meth:`LocalBroker.kill` simulates a
-crash.
+crash. The clustered brokers have their own launchers (:mod:`broker.local_ejabberd`,
+:mod:`broker.local_nats`); :mod:`broker.local_setups` names every setup the tests run.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import tempfile
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from broker._local_process import (
+    BrokerError,
+    NodeProcess,
+    find_binary,
+    free_port,
+    port_open,
+    wait_until,
+)
 from broker.mosquitto import DEV_CONF, PROD_CONF
 
 __all__ = [
@@ -53,10 +57,6 @@ _TLS_DIRECTIVES = (
 )
 
 
-class BrokerError(RuntimeError):
-    """The local broker could not be found, started or stopped."""
-
-
 @dataclass(frozen=True, slots=True)
 class TlsFiles:
     ca_file: Path
@@ -67,23 +67,11 @@ class TlsFiles:
 
 def find_mosquitto() -> str:
     """Path of the mosquitto binary (PATH, then /usr/sbin); BrokerError if missing."""
-    for candidate in (
-        shutil.which("mosquitto"),
-        "/usr/sbin/mosquitto",
-        "/usr/local/sbin/mosquitto",
-    ):
-        if candidate and os.access(candidate, os.X_OK):
-            return candidate
-    raise BrokerError(
-        "mosquitto not found (looked in PATH and /usr/sbin); install it with "
-        "`apt-get install -y mosquitto mosquitto-clients`"
+    return find_binary(
+        "mosquitto",
+        "apt-get install -y mosquitto mosquitto-clients",
+        ("/usr/sbin", "/usr/local/sbin"),
     )
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def render_config(
@@ -153,7 +141,7 @@ class LocalBroker:
         self.log_path = self.workdir / "mosquitto.log"
         self.output_path = self.workdir / "output.log"
         self.data_dir = self.workdir / "data"
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._proc = NodeProcess([self.binary, "-c", str(self.conf_path)], self.output_path)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -169,11 +157,11 @@ class LocalBroker:
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
+        return self._proc.pid
 
     @property
     def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        return self._proc.running
 
     def start(self) -> Self:
         """Render the config, start Mosquitto, wait until it accepts connections."""
@@ -185,18 +173,11 @@ class LocalBroker:
                 self.port = free_port(self.host)
             self.conf_path.write_text(self._render())
             self.log_path.unlink(missing_ok=True)
-            with self.output_path.open("ab") as out:
-                self._proc = subprocess.Popen(
-                    [self.binary, "-c", str(self.conf_path)],
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,  # Ctrl-C on the test run does not reach it
-                )
+            self._proc.start()
             if self._wait_ready():
                 return self
             in_use = "Address already in use" in self.log_tail()
-            self._reap()
+            self._proc.kill()
             if not in_use or self._fixed_port:
                 break
         raise BrokerError(
@@ -206,27 +187,11 @@ class LocalBroker:
 
     def stop(self, grace_s: float = 5.0) -> int | None:
         """SIGTERM (persistence is saved), SIGKILL after ``grace_s``; returns the exit code."""
-        proc = self._proc
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(grace_s)
-        self._proc = None
-        return proc.returncode
+        return self._proc.stop(grace_s)
 
     def kill(self) -> None:
         """SIGKILL: a crash, nothing saved since the last autosave."""
-        if self._proc is not None and self._proc.poll() is None:
-            os.kill(self._proc.pid, signal.SIGKILL)
-            self._proc.wait(5.0)
-        self._proc = None
+        self._proc.kill()
 
     def restart(self, *, kill: bool = False) -> Self:
         """Stop (or kill) and start again on the same port with the same persistence dir."""
@@ -273,23 +238,8 @@ class LocalBroker:
         return render_config(self.template.read_text(), merged, append=self.extra)
 
     def _wait_ready(self) -> bool:
-        deadline = time.monotonic() + self.start_timeout_s
-        while time.monotonic() < deadline:
-            if not self.running:
-                return False
+        def ready() -> bool:
             log = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-            if " running" in log:
-                with (
-                    contextlib.suppress(OSError),
-                    socket.create_connection((self.host, self.port), timeout=0.5),
-                ):
-                    return True
-            time.sleep(0.02)
-        return False
+            return " running" in log and port_open(self.host, self.port)
 
-    def _reap(self) -> None:
-        if self._proc is not None:
-            if self._proc.poll() is None:
-                self._proc.kill()
-            self._proc.wait(5.0)
-        self._proc = None
+        return wait_until(ready, self.start_timeout_s, alive=lambda: self.running)

@@ -28,6 +28,8 @@ __all__ = [
     "AckStatus",
     "ClientState",
     "ClientStatus",
+    "DownlinkPlan",
+    "DownlinkRoute",
     "FetchRequest",
     "GlobalChunk",
     "GlobalManifest",
@@ -44,7 +46,8 @@ __all__ = [
     "chunk_count_for",
 ]
 
-PROTOCOL_VERSION = 1
+#: 2: the catch-up downlink (FetchRequest.held/plan, DownlinkPlan, GlobalChunk.plan).
+PROTOCOL_VERSION = 2
 
 #: Largest transfer (upload or global adapter) the protocol can describe.
 MAX_TRANSFER_BYTES = 1 << 30
@@ -112,6 +115,14 @@ class ClientState(StrEnum):
     DOWNLOADING = "downloading"
     ERROR = "error"
     OFFLINE = "offline"
+
+
+class DownlinkRoute(StrEnum):
+    """How a device gets the global adapter of a round (decision 13)."""
+
+    NONE = "none"  # it already holds a state served for that version
+    CATCHUP = "catchup"  # an fstq payload on top of what it holds
+    FULL = "full"  # the whole fp16 adapter
 
 
 class RoundPhase(StrEnum):
@@ -230,16 +241,57 @@ class GlobalManifest(_Wire):
 
 
 class FetchRequest(_Wire):
-    """Device -> aggregator: send me these chunks (bitmap) of global adapter ``version``."""
+    """Device -> aggregator: how do I get global adapter ``version``, holding state ``held``?
+
+    Without ``plan`` the answer is a :class:`DownlinkPlan`; with it, the chunks of that plan
+    named by ``wanted`` (empty = every chunk). ``held`` is the SHA-256 of the device's canonical
+    adapter bytes (None: it holds nothing, or wants the full adapter).
+    """
 
     kind: ClassVar[str] = "fetch"
     version: Version
-    wanted: Bitmap
+    held: Sha256 | None = None
+    plan: Sha256 | None = None
+    wanted: Bitmap = b""
+
+
+class DownlinkPlan(_Wire):
+    """Aggregator -> device (on ``down/<client>``): the cheapest correct way to ``version``.
+
+    ``plan`` names it (its chunks carry it); ``base`` is the held state it applies to (None for
+    ``full``); ``result`` is the state id after applying it; the transfer fields describe the
+    payload (empty for ``none``): the full fp16 adapter, or an fstq catch-up payload.
+    """
+
+    kind: ClassVar[str] = "down.plan"
+    version: Version
+    route: DownlinkRoute = Field(strict=False)
+    plan: Sha256
+    base: Sha256 | None
+    result: Sha256
+    total_size: TotalSize
+    chunk_count: ChunkCount
+    chunk_size: ChunkSize
+    sha256: Sha256
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        _check_chunking(self.total_size, self.chunk_count, self.chunk_size)
+        if (self.route is DownlinkRoute.FULL) != (self.base is None):
+            raise ValueError("a full plan has no base and every other plan has one")
+        if self.route is DownlinkRoute.NONE and (self.base != self.result or self.total_size):
+            raise ValueError("a none plan keeps its base and carries no payload")
+        if self.route is DownlinkRoute.FULL and self.result != self.sha256:
+            raise ValueError("a full plan's result is its payload")
+        return self
 
 
 class GlobalChunk(_Wire):
+    """One chunk of the payload of plan ``plan`` (for global ``version``)."""
+
     kind: ClassVar[str] = "global.chunk"
     version: Version
+    plan: Sha256
     index: ChunkIndex
     crc32: Crc32
     data: ChunkData
@@ -295,6 +347,7 @@ WireMessage = (
     | UploadAck
     | GlobalManifest
     | FetchRequest
+    | DownlinkPlan
     | GlobalChunk
     | ClientStatus
     | RoundProgress

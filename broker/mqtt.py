@@ -1,4 +1,4 @@
-"""The project's only paho-mqtt importer: a small synchronous MQTT 5 client.
+"""The project's only paho-mqtt importer: a small synchronous MQTT 5 (or 3.1.1) client.
 
 paho runs its network loop in its own thread (``loop_start``); this wrapper adds:
 
@@ -12,7 +12,11 @@ paho runs its network loop in its own thread (``loop_start``); this wrapper adds
 * a client-side check of the broker's Maximum Packet Size (Mosquitto *disconnects* a client
   that sends a larger packet, and paho would resend it forever after each reconnect);
 * typed errors (:mod:`broker.errors`) instead of paho return codes, reason codes and OSErrors;
-* an unbounded incoming queue: received messages are never dropped.
+* an unbounded incoming queue: received messages are never dropped;
+* failover between the nodes of a broker cluster (``MqttSettings.failover``) and, for brokers
+  whose retained store is per node, re-publishing this client's retained messages;
+* an MQTT 3.1.1 profile (``MqttSettings.protocol``) for brokers without MQTT 5: the same calls,
+  what replaces each MQTT 5 feature is in broker/README.md ("MQTT 3.1.1 profile").
 """
 
 from __future__ import annotations
@@ -34,7 +38,13 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from broker._mqtt_support import guarded, paho_logger, tls_context
+from broker._mqtt_support import (
+    RetainedRefresh,
+    clean_session,
+    guarded,
+    paho_logger,
+    tls_context,
+)
 from broker.backoff import full_jitter
 from broker.errors import (
     ClientClosedError,
@@ -71,6 +81,18 @@ class MqttClient(Transport):
         rng: random.Random | None = None,
     ) -> None:
         self.settings = settings
+        self._v5 = settings.protocol == "5"
+        self._endpoints = settings.endpoints
+        #: Index in ``_endpoints`` of the node this client connects (or last connected) to.
+        self._node = 0
+        self._reached = False
+        self._retained = (
+            RetainedRefresh(
+                settings.republish_retained_s, self._resend_retained, settings.client_id
+            )
+            if settings.republish_retained_s > 0
+            else None
+        )
         self.stats = ClientStats()
         self._rng = rng or random.Random()
         self._delays: Iterator[float] | None = None
@@ -97,7 +119,8 @@ class MqttClient(Transport):
         c = paho.Client(
             CallbackAPIVersion.VERSION2,
             client_id=s.client_id,
-            protocol=paho.MQTTv5,
+            protocol=paho.MQTTv5 if self._v5 else paho.MQTTv311,
+            clean_session=None if self._v5 else clean_session(s),
             reconnect_on_failure=True,
         )
         c.enable_logger(paho_logger())
@@ -114,10 +137,12 @@ class MqttClient(Transport):
         if s.tls is not None:
             c.tls_set_context(tls_context(s.tls))
         if will is not None:
-            wp = _properties(PacketTypes.WILLMESSAGE)
-            wp.WillDelayInterval = will.delay_s
-            if will.expiry_s is not None:
-                wp.MessageExpiryInterval = will.expiry_s
+            wp: Properties | None = None
+            if self._v5:  # 3.1.1: the will goes out at once and never expires
+                wp = _properties(PacketTypes.WILLMESSAGE)
+                wp.WillDelayInterval = will.delay_s
+                if will.expiry_s is not None:
+                    wp.MessageExpiryInterval = will.expiry_s
             c.will_set(will.topic, will.payload, will.qos, will.retain, wp)
         c.on_pre_connect = self._on_pre_connect
         c.on_connect = self._on_connect
@@ -142,18 +167,24 @@ class MqttClient(Transport):
             return
         self._started = True
         s = self.settings
-        props = _properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = s.session_expiry_s
-        self._paho.connect_async(
-            s.host, s.port, s.keepalive_s, clean_start=s.clean_start, properties=props
-        )
+        if self._v5:
+            props = _properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = s.session_expiry_s
+            self._paho.connect_async(
+                s.host, s.port, s.keepalive_s, clean_start=s.clean_start, properties=props
+            )
+        else:  # clean_session was set on the paho client; the broker's config expires sessions
+            self._paho.connect_async(s.host, s.port, s.keepalive_s)
         self._paho.loop_start()
+        if self._retained is not None:
+            self._retained.start()
         if timeout is None:
             return
         if not self._first_outcome.wait(timeout):
             self.close()
+            where = ", ".join(f"{h}:{p}" for h, p in self._endpoints)
             raise ConnectError(
-                f"no CONNACK from {s.host}:{s.port} within {timeout}s "
+                f"no CONNACK from {where} within {timeout}s "
                 f"({self._attempts} attempts; broker down, wrong port or TLS mismatch?)"
             )
         if self._refused is not None:
@@ -171,6 +202,11 @@ class MqttClient(Transport):
     def broker_max_packet_size(self) -> int | None:
         """Maximum Packet Size from the last CONNACK (None if the broker set none)."""
         return self._broker_max_packet
+
+    @property
+    def endpoint(self) -> tuple[str, int]:
+        """``(host, port)`` of the node this client is connected (or connecting) to."""
+        return self._endpoints[self._node]
 
     def close(self) -> None:
         """Disconnect cleanly (no will), stop the network thread, fail pending waits."""
@@ -196,6 +232,8 @@ class MqttClient(Transport):
         self._shutdown()
 
     def _shutdown(self) -> None:
+        if self._retained is not None:
+            self._retained.stop()
         if self._started:
             # Close paho's loop_start() wake-up socket pair now: left to the garbage collector
             # (MqttClient <-> paho form a cycle) it may be finalized after the sockets.
@@ -214,28 +252,63 @@ class MqttClient(Transport):
         if self._closing.is_set():
             raise ClientClosedError("client is closed")
         topic, payload, qos = message.topic, message.payload, message.qos
-        props: Properties | None = None
-        if message.expiry_s is not None or message.user_properties:
-            props = _properties(PacketTypes.PUBLISH)
-            if message.expiry_s is not None:
-                props.MessageExpiryInterval = message.expiry_s
-            if message.user_properties:
-                props.UserProperty = list(message.user_properties)
-        packed = len(props.pack()) if props is not None else 1  # type: ignore[no-untyped-call]
+        props = self._publish_properties(message)
+        # An MQTT 5 PUBLISH has a property section (1 byte when empty); a 3.1.1 one has none.
+        packed = len(props.pack()) if props is not None else int(self._v5)  # type: ignore[no-untyped-call]
         size = packet_size(topic, payload, qos, packed)
         check_packet_size(topic, size, self._broker_max_packet, self.settings.max_packet_size)
-        try:
-            info = self._paho.publish(
-                topic, payload, qos=qos, retain=message.retain, properties=props
-            )
-        except ValueError as exc:
-            raise PublishError(f"invalid publish to {topic!r}: {exc}", reason="invalid") from None
+        if message.retain and self._retained is not None:
+            info = self._retained.send(message, lambda: self._paho_publish(message, props))
+        else:
+            info = self._paho_publish(message, props)
         waiter = self._register(info.mid)
         if qos == 0 and info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             waiter.resolve((0x80,), paho.error_string(info.rc))
         self.stats.published += 1
         self.stats.published_bytes += size
         return PublishHandle(info.mid, topic, size, waiter)
+
+    def _publish_properties(self, message: Message) -> Properties | None:
+        """MQTT 5 properties of a PUBLISH; 3.1.1 sends none (user properties are refused:
+        dropping them silently would change what the receiver sees)."""
+        if not self._v5:
+            if message.user_properties:
+                raise PublishError(
+                    f"user properties on {message.topic!r} need MQTT 5 (protocol is 3.1.1)",
+                    reason="unsupported",
+                )
+            return None
+        if message.expiry_s is None and not message.user_properties:
+            return None
+        props = _properties(PacketTypes.PUBLISH)
+        if message.expiry_s is not None:
+            props.MessageExpiryInterval = message.expiry_s
+        if message.user_properties:
+            props.UserProperty = list(message.user_properties)
+        return props
+
+    def _paho_publish(self, message: Message, props: Properties | None) -> paho.MQTTMessageInfo:
+        try:
+            return self._paho.publish(
+                message.topic, message.payload, qos=message.qos, retain=message.retain,
+                properties=props,
+            )  # fmt: skip
+        except ValueError as exc:
+            raise PublishError(
+                f"invalid publish to {message.topic!r}: {exc}", reason="invalid"
+            ) from None
+
+    def _subscribe_packet(self, topic_filter: str, qos: int, handling: int) -> tuple[Any, Any]:
+        """paho's (rc, mid) of one SUBSCRIBE; 3.1.1 has no options (retained always re-sent)."""
+        if self._v5:
+            opts = SubscribeOptions(qos=qos, retainHandling=handling)
+            return self._paho.subscribe(topic_filter, options=opts)
+        return self._paho.subscribe(topic_filter, qos=qos)
+
+    def _resend_retained(self, message: Message) -> None:
+        """One retained copy again (called by the RetainedRefresh thread, under its lock)."""
+        if self.is_connected:
+            self._register(self._paho_publish(message, self._publish_properties(message)).mid)
 
     def subscribe(self, topic_filter: str, qos: int = 1, *, timeout: float | None = 10.0) -> None:
         """Subscribe (waiting up to ``timeout`` s for SUBACK) and again after every reconnect.
@@ -249,7 +322,7 @@ class MqttClient(Transport):
         if not self.is_connected:
             return  # sent by _on_connect
         try:
-            rc, mid = self._paho.subscribe(topic_filter, options=SubscribeOptions(qos=qos))
+            rc, mid = self._subscribe_packet(topic_filter, qos, 0)
         except ValueError as exc:
             raise SubscribeError(
                 f"invalid filter {topic_filter!r}: {exc}", reason="invalid"
@@ -311,8 +384,16 @@ class MqttClient(Transport):
                 s = self.settings
                 self._delays = full_jitter(s.backoff_base_s, s.backoff_max_s, rng=self._rng)
             self._closing.wait(next(self._delays))
+            if not self._reached and len(self._endpoints) > 1:
+                # The last attempt got no CONNACK: try the next node of the cluster.
+                self._node = (self._node + 1) % len(self._endpoints)
+                _log.info("MQTT %s: trying %s:%d", self.settings.client_id, *self.endpoint)
         if self._closing.is_set():
             raise ConnectionAbortedError("client closing")  # an OSError: paho stops this attempt
+        self._reached = False
+        # paho 2.2's host/port setters refuse while CONNECTING, the state reconnect() set before
+        # this callback; its socket is closed here and the next one is made from these fields.
+        client._host, client._port = self.endpoint
         self._attempts += 1
 
     @guarded
@@ -331,6 +412,7 @@ class MqttClient(Transport):
             _log.warning("CONNACK refused for %s: %s", self.settings.client_id, rc)
             self._first_outcome.set()
             return
+        self._reached = True
         self._connected_at = time.monotonic()
         self._broker_max_packet = getattr(props, "MaximumPacketSize", None)
         # Retained messages again unless the broker kept our subscriptions (session present).
@@ -340,13 +422,14 @@ class MqttClient(Transport):
         with self._lock:
             subs = list(self._subs.items())
         for topic_filter, qos in subs:
-            opts = SubscribeOptions(qos=qos, retainHandling=handling)
-            _, mid = client.subscribe(topic_filter, options=opts)
+            _, mid = self._subscribe_packet(topic_filter, qos, handling)
             if mid is not None:
                 with self._lock:  # same thread as _on_subscribe: no early-ack race here
                     self._pending[mid] = Completion()
         self._connected.set()
         self._first_outcome.set()
+        if self._retained is not None:
+            self._retained.wake()  # the node we reached may not hold our retained messages
 
     @guarded
     def _on_disconnect(

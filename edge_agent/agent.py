@@ -2,8 +2,9 @@
 
 A round is a sequence of steps, each a call into the module that holds it:
 
-1. fetch: :meth:`EdgeAgent._advance_round` has ``downloader.GlobalFetcher`` fetch and verify
-   the announced global adapter;
+1. fetch: :meth:`EdgeAgent._advance_round` derives the initial adapter on the device when the
+   manifest allows it, or has ``downloader.GlobalFetcher`` get the announced global adapter (a
+   plan: nothing, a catch-up on what it holds, or the full adapter) and verify it;
 2. train: :meth:`EdgeAgent._run_round` has ``local_model.LocalModel`` build the LoRA the
    adapter's metadata names and ``trainer.LocalTrainer`` train the local steps;
 3. compress: the trainer hands the delta and Fisher to the compressor
@@ -27,6 +28,7 @@ fails fast with its own exit code without touching the broker), subscriptions, `
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import threading
@@ -44,6 +46,7 @@ from broker.errors import (
 )
 from broker.messages import (
     ClientState,
+    DownlinkPlan,
     GlobalChunk,
     GlobalManifest,
     RoundAnnouncement,
@@ -64,7 +67,7 @@ from broker.transport import Message, Transport, Will
 from common.exit_codes import ExitCode, for_connect_refusal
 from edge_agent.compression import budget_for
 from edge_agent.device_state import DeviceState
-from edge_agent.downloader import GlobalFetcher, HeldAdapter
+from edge_agent.downloader import DERIVED, DeviceDownlink, GlobalFetcher, HeldAdapter
 from edge_agent.lifecycle import Notifier
 from edge_agent.local_model import LocalModel
 from edge_agent.outbox import Outbox, OutboxError
@@ -156,6 +159,14 @@ class EdgeAgent:
         #: What each round this instance trained took to train and compress, by round. Kept
         #: here, not on the wire: the evaluation's fleet runner reads it for its round times.
         self.compute_times: dict[int, ComputeTime] = {}
+        #: How each round this instance trained got its adapter (route, bytes, staleness), by
+        #: round; read in-process by the evaluation's fleet runner, like ``compute_times``.
+        self.downlinks: dict[int, DeviceDownlink] = {}
+        self._derived_tried = False
+
+    def pending_downlink(self) -> DeviceDownlink | None:
+        """How the adapter of a round not trained (given up, or cut off) came, if it did."""
+        return None if self._fetcher is None else self._fetcher.pending_record()
 
     @property
     def rounds_given_up(self) -> frozenset[int]:
@@ -314,7 +325,14 @@ class EdgeAgent:
             elif isinstance(topic, AckTopic) and topic.client == self._me:
                 self._uploader.on_ack(decode(msg.payload, expect=UploadAck), now)
             elif isinstance(topic, DownTopic) and topic.client == self._me:
-                adapter = self._fetcher.on_chunk(decode(msg.payload, expect=GlobalChunk), now)
+                body = decode(msg.payload)
+                adapter: HeldAdapter | None = None
+                if isinstance(body, DownlinkPlan):
+                    adapter = self._fetcher.on_plan(body, msg, now)
+                elif isinstance(body, GlobalChunk):
+                    adapter = self._fetcher.on_chunk(body, msg, now)
+                else:
+                    log.debug("ignoring %s on %s", body.kind, msg.topic)
                 if adapter is not None:
                     self._status.set_phase(ClientState.IDLE, self._status.round_id)
             else:
@@ -363,7 +381,7 @@ class EdgeAgent:
             self._announcement = None
             return
         current = self._fetcher.current
-        if current is None or current.sha256 != ann.global_sha256:
+        if current is None or current.target_sha256 != ann.global_sha256:
             self._fetch_global(ann, now)
             return
         self._announcement = None
@@ -377,10 +395,40 @@ class EdgeAgent:
             # disagree); it comes as soon as the aggregator publishes it.
             self._log_once(ann.round, "waiting for the global manifest of the announced version")
             return
+        if self._fetcher.current is None and not self._derived_tried:
+            self._derived_tried = True
+            self._derive_initial(m)
+            current = self._fetcher.current
+            if current is not None and current.target_sha256 == m.sha256:
+                return  # the round is on v0: nothing to fetch
         starting = self._fetcher.downloading != m.version
         self._fetcher.want(m, now)
         if starting:
             self._status.set_phase(ClientState.DOWNLOADING, ann.round, self._fetcher.progress())
+
+    def _derive_initial(self, m: GlobalManifest) -> None:
+        """Hold the initial adapter (v0) derived on the device when the manifest names its seed
+        and hash and the derived bytes have that hash; else it is fetched like any version."""
+        assert self._fetcher is not None
+        want = m.metadata.get("v0_sha256")
+        if not isinstance(want, str) or "init_seed" not in m.metadata:
+            return
+        try:
+            data = self._model.initial_adapter(m.metadata)
+        except (ValueError, FstqError, ModelLoadError) as exc:
+            log.warning(
+                "cannot derive the initial adapter: %s", exc, extra=self._ctx(None, "fetch")
+            )
+            return
+        sha = hashlib.sha256(data)
+        if sha.hexdigest() != want:  # another base model, peft or platform: fetch it instead
+            log.info("derived initial adapter differs from v0 (%s, announced %s); fetching",
+                     sha.hexdigest()[:12], want[:12], extra=self._ctx(None, "fetch"))  # fmt: skip
+            return
+        v0 = sha.digest()
+        self._fetcher.adopt(HeldAdapter(0, 0, v0, v0, m.format, data, dict(m.metadata), DERIVED))
+        log.info("initial adapter v0 derived on the device and verified",
+                 extra=self._ctx(None, "fetch"))  # fmt: skip
 
     def _run_round(self, ann: RoundAnnouncement, current: HeldAdapter) -> None:
         """Round ``ann`` from its fetched and verified global adapter: train and compress, store
@@ -404,9 +452,12 @@ class EdgeAgent:
             return
         self.rounds_trained += 1
         self.compute_times[r] = result.compute
+        assert self._fetcher is not None
+        downlink = self.downlinks[r] = self._fetcher.take_record()
         entry = self._uploader.store(
-            ann, base_version=current.version, result=result, now=self._clock()
-        )
+            ann, base_version=current.version, result=result, now=self._clock(),
+            downlink_route=downlink.route,
+        )  # fmt: skip
         # After the outbox: a crash before it retrains the round from the state it started with.
         self._model.save_state(result)
         if self._stop.is_set():

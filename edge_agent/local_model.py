@@ -26,8 +26,9 @@ from edge_agent.trainer import LocalTrainer, ProgressCallback, TrainResult, Trai
 from fstq.token_scores import TokenScores
 from workload.adapters import adapter_from_bytes
 from workload.batches import Example, encode_pair
+from workload.catchup import canonical_bytes
 from workload.data import QAPair, read_jsonl
-from workload.models import LoraSpec, load_base_model, make_peft_model
+from workload.models import LoraSpec, initial_adapter_state, load_base_model, make_peft_model
 
 __all__ = ["LocalModel"]
 
@@ -124,6 +125,22 @@ class LocalModel:
         if table is not None:
             log.warning("token scores of shape %s, vocab %d: starting fresh", table.shape, vocab)
         return TokenScores(vocab, rho)
+
+    def initial_adapter(self, metadata: Mapping[str, object]) -> bytes:
+        """The initial global adapter (v0) derived here from the manifest's LoRA metadata and
+        ``init_seed``, as canonical fp16 bytes (the caller checks them against ``v0_sha256``).
+
+        Raises LoraMetadataError (a ValueError) for bad metadata or seed.
+        """
+        seed = metadata.get("init_seed")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"global manifest metadata init_seed={seed!r} is not a seed")
+        spec = LoraSpec.from_metadata(metadata)
+        with self._model_use():
+            self.ensure_adapter(spec)
+            assert self._trainer is not None
+            state = initial_adapter_state(self._trainer.model, spec, seed)
+        return canonical_bytes(state)
 
     def load_global(self, current: HeldAdapter) -> dict[str, torch.Tensor]:
         """The global adapter's tensors, the peft model built for its LoRA metadata first.

@@ -123,10 +123,18 @@ class Uploader:
     # -- starting ----------------------------------------------------------------------------
 
     def store(
-        self, ann: RoundAnnouncement, *, base_version: int, result: TrainResult, now: float
+        self,
+        ann: RoundAnnouncement,
+        *,
+        base_version: int,
+        result: TrainResult,
+        now: float,
+        downlink_route: str | None = None,
     ) -> OutboxEntry:
         """Write round ``ann``'s update to the outbox under a new upload id (fsync'd: durable
-        before its first byte is published); :meth:`start` publishes it."""
+        before its first byte is published); :meth:`start` publishes it. ``downlink_route``
+        (how the device got the adapter it trained from) goes into the manifest's metadata:
+        the aggregator counts derived initial adapters from it."""
         update = result.update
         entry = OutboxEntry(
             upload_id=f"r{ann.round}-{secrets.token_hex(8)}",
@@ -136,7 +144,8 @@ class Uploader:
             size=len(update.payload),
             sample_count=result.sample_count,
             method=update.method,
-            metadata=result.manifest_metadata(),
+            metadata=result.manifest_metadata()
+            | ({} if downlink_route is None else {"downlink_route": downlink_route}),
             created_at=now,
             chunk_size=ann.chunk_size,
             deadline=ann.deadline,

@@ -7,8 +7,9 @@ service, stepped by this thread, and they talk through a real Mosquitto. Per rou
 selected device may drop out (:func:`~evaluation.fleet_wire.dropout_fate`); the runner skips the
 idle wait for dropouts up to the deadline (:class:`~evaluation.fleet_wire.FleetClock`), then
 evaluates the new global adapter and charges the round its simulated time: the FedScale way,
-the slowest arrived device's measured compute time plus its upload bytes over its link rate,
-plus the server's measured close time.
+the slowest arrived device's download bytes over its downlink rate, measured compute time and
+upload bytes over its uplink rate, plus the server's measured close time (and, for comparison
+with older records, the same without the download).
 
 One run of :func:`run_method` is one method from the same initial adapter, data split and
 seeds; :func:`run_fleet` runs several methods and returns the run record (schema in
@@ -40,11 +41,25 @@ from broker.transport import Transport, Will
 from edge_agent.agent import EdgeAgent
 from edge_agent.settings import AgentSettings
 from edge_agent.shared_model import SharedBaseModel
-from evaluation.fleet_config import METHODS, FleetConfig
+from evaluation.downlink import (
+    FIRST_CONTACT,
+    DeviceDownlink,
+    Route,
+    VersionsHeld,
+    client_timings,
+    tally,
+)
+from evaluation.fleet_config import METHODS, FleetConfig, compression_for, downlink_for
+from evaluation.fleet_downlink import (
+    Reported,
+    agent_downlink,
+    aggregator_downlink,
+    downlink_settings,
+)
 from evaluation.fleet_wire import Fate, FleetClock, FleetWire, dropout_fate
-from evaluation.links import LinkProfile, lognormal_links
+from evaluation.links import DOWNLINK_ASYMMETRY, LinkProfile, lognormal_links, with_downlinks
 from evaluation.quality import HeldOut, evaluate_adapter
-from evaluation.round_time import ClientTiming, round_time
+from evaluation.round_time import round_time
 from evaluation.run_record import (
     DeviceRound,
     FleetEval,
@@ -52,14 +67,21 @@ from evaluation.run_record import (
     FleetRun,
     MethodRun,
     RunConfig,
-    Scalar,
 )
 from fstq.adapter_state import get_adapter_state
 from workload.data import FederatedSplit, federated_split, load_chatterbot
 from workload.data import write_jsonl as write_pairs
 from workload.models import load_base_model
 
-__all__ = ["METHODS", "FleetConfig", "FleetError", "compression_for", "run_fleet", "run_method"]
+__all__ = [
+    "METHODS",
+    "FleetConfig",
+    "FleetError",
+    "compression_for",
+    "downlink_for",
+    "run_fleet",
+    "run_method",
+]
 
 log = logging.getLogger(__name__)
 
@@ -69,16 +91,6 @@ _THREADS = max(1, torch.get_num_threads())
 
 class FleetError(RuntimeError):
     """The fleet could not finish a run (a round made no progress within its wall limit)."""
-
-
-def compression_for(label: str, budget_bytes: int) -> dict[str, Scalar]:
-    """The agents' ``compression`` settings of method ``label`` at the matched budget."""
-    if label not in METHODS:
-        raise ValueError(f"unknown method {label!r}; known: {', '.join(METHODS)}")
-    spec = dict(METHODS[label])
-    if spec.pop("budgeted", False):
-        spec.update(budget_mode="fixed", budget_bytes=budget_bytes)
-    return spec
 
 
 @dataclass
@@ -106,8 +118,10 @@ def prepare(
     workdir: Path,
     broker: LocalBroker,
     links: dict[str, LinkProfile] | None = None,
+    downlink_asymmetry: float = DOWNLINK_ASYMMETRY,
 ) -> Fleet:
-    """Load the model once, split the data (seeded), draw the links, tokenise the held-out set."""
+    """Load the model once, split the data (seeded), draw the links (a downlink for each: its
+    own, else the uplink x ``downlink_asymmetry``), tokenise the held-out set."""
     rng = np.random.default_rng(config.seed)
     pairs = load_chatterbot(config.languages)
     split = federated_split(
@@ -128,6 +142,7 @@ def prepare(
     )  # fmt: skip
     model = shared.peft_model(config.lora, seed=config.seed)
     dense = 2 * sum(t.numel() for t in get_adapter_state(model).values())
+    links = with_downlinks(links, downlink_asymmetry)
     return Fleet(config, workdir, broker, shared, split, held_out, links, names, dense)
 
 
@@ -160,6 +175,7 @@ def _aggregator_settings(fleet: Fleet, label: str, root: Path) -> AggregatorSett
             },
             "poll_s": 0.02,
             "health_interval_s": 60.0,
+            **downlink_settings(label, fleet.dense_fp16_bytes),
         }
     )
 
@@ -246,12 +262,14 @@ def run_method(
     clock = FleetClock()
     budget = fleet.budget_bytes
     rounds: list[FleetRound] = []
+    held = VersionsHeld()
 
     def entry(skipped_wait_s: float | None = None) -> MethodRun:
         return MethodRun(
             method=METHODS[label]["method"],
             options={k: v for k, v in compression_for(label, budget).items() if k != "method"},
             budget_bytes=budget if METHODS[label].get("budgeted") else None,
+            downlink=downlink_for(label, fleet.dense_fp16_bytes),
             dense_fp16_bytes=fleet.dense_fp16_bytes,
             rounds=tuple(rounds),
             skipped_wait_s=skipped_wait_s,
@@ -290,7 +308,7 @@ def run_method(
         for t in threads:
             t.start()
         for rec in _drive(fleet, agg, agents, clock, fates):
-            rnd = _round_entry(fleet, agg, rec, agents, wires, fates)
+            rnd = _round_entry(fleet, agg, rec, agents, wires, fates, held)
             rounds.append(rnd)
             fates.started(rnd.round + 1, sum(r.round_time_s for r in rounds))
             if on_round is not None:
@@ -373,6 +391,7 @@ def _round_entry(
     agents: dict[str, EdgeAgent],
     wires: dict[str, FleetWire],
     fates: _Fates,
+    held: VersionsHeld,
 ) -> FleetRound:
     r = rec.round
     arrived = set(rec.arrived)
@@ -382,35 +401,23 @@ def _round_entry(
     while not all(_finished(agents[n], r) for n in arrived) and time.monotonic() < give_up:
         time.sleep(0.02)
     clients: list[DeviceRound] = []
-    timings: list[ClientTiming] = []
+    downlinks: dict[str, DeviceDownlink] = {}
     for name in rec.selected:
         fate = fates(fleet.names.index(name), r)
-        # Timed by the agent (never sent): what the round of a finished upload took to compute.
-        done = any(x.entry.round_id == r for x in agents[name].reports)
-        took = agents[name].compute_times.get(r) if done else None
-        link = fleet.links[name]
-        wire = wires[name].upload_bytes(r) if name in wires else 0
-        upload = rec.clients.get(name)
-        device = DeviceRound(
-            client=name,
-            # Contention-robust compute time: CPU seconds over the torch threads that share
-            # them (the wall time, kept as measured_s, grows with whatever else runs here).
-            compute_s=took.cpu_s / _THREADS if took is not None else None,
-            measured_s=took.wall_s if took is not None else None,
-            wire_bytes=wire,
-            payload_bytes=0 if upload is None else upload.bytes,
-            rate_bps=link.uplink_bps,
-            arrived=name in arrived,
-            # From the fate, not the wire: a halfway device may still be on its way to the
-            # point where its link dies when the round closes without it.
-            dropped=None if fate is None or fate == "ok" else fate,
-        )
+        device = _device_round(fleet, rec, name, agents[name], wires.get(name), fate, held)
         clients.append(device)
-        if device.arrived and device.compute_s is not None:
-            timings.append(ClientTiming(device.compute_s, wire, link.uplink_bps))
+        route, staleness = device.downlink_route, device.staleness
+        if route is not None and staleness is not None:
+            downlinks[name] = DeviceDownlink(
+                route, device.downlink_bytes or 0, staleness, bool(device.first_contact)
+            )
+    for name in downlinks:
+        held.served(name, rec.base_version)
+    timings = client_timings(clients, downlinks)
     return FleetRound(
         round=r,
         status=rec.status,
+        base_version=rec.base_version,
         selected=rec.selected,
         arrived=rec.arrived,
         dropped=tuple(sorted(d.client for d in clients if d.dropped)),
@@ -419,12 +426,60 @@ def _round_entry(
         uplink_resent_bytes=rec.uplink_resent_bytes,
         device_upload_bytes=sum(d.wire_bytes for d in clients),
         downlink_wire_bytes=rec.downlink_wire_bytes,
+        downlink=aggregator_downlink(rec) or tally(downlinks.values()),
         late=rec.late,
         rejected=rec.rejected,
         clients=tuple(clients),
         server_s=rec.close_s,
-        round_time_s=round_time(timings, rec.close_s),
+        round_time_s=round_time(timings, rec.close_s, downlink=False),
+        round_time_with_downlink_s=round_time(timings, rec.close_s),
         eval=_evaluate(fleet, agg),
+    )
+
+
+def _device_round(
+    fleet: Fleet,
+    rec: RoundResult,
+    name: str,
+    agent: EdgeAgent,
+    wire: FleetWire | None,
+    fate: Fate | None,
+    held: VersionsHeld,
+) -> DeviceRound:
+    """One selected device's row: its compute, both directions of its traffic, its fate."""
+    r = rec.round
+    # Timed by the agent (never sent): what the round of a finished upload took to compute.
+    done = any(x.entry.round_id == r for x in agent.reports)
+    took = agent.compute_times.get(r) if done else None
+    link = fleet.links[name]
+    upload = rec.clients.get(name)
+    down_bytes = wire.downlink_bytes(r) if wire is not None else 0
+    reported: Reported | None = None
+    if fate not in ("silent", "offline"):  # it saw the round, so it had to hold version base
+        reported = agent_downlink(agent, r)
+        if reported is None:  # it gave the round up before training: what its wire saw
+            staleness = held.staleness(name, rec.base_version)
+            route: Route = "full" if down_bytes else "none"
+            reported = Reported(route, staleness, staleness == FIRST_CONTACT, 0)
+    return DeviceRound(
+        client=name,
+        # Contention-robust compute time: CPU seconds over the torch threads that share
+        # them (the wall time, kept as measured_s, grows with whatever else runs here).
+        compute_s=took.cpu_s / _THREADS if took is not None else None,
+        measured_s=took.wall_s if took is not None else None,
+        wire_bytes=wire.upload_bytes(r) if wire is not None else 0,
+        payload_bytes=0 if upload is None else upload.bytes,
+        rate_bps=link.uplink_bps,
+        arrived=name in rec.arrived,
+        # From the fate, not the wire: a halfway device may still be on its way to the
+        # point where its link dies when the round closes without it.
+        dropped=None if fate is None or fate == "ok" else fate,
+        downlink_bytes=down_bytes,
+        downlink_route=None if reported is None else reported.route,
+        staleness=None if reported is None else reported.staleness,
+        first_contact=None if reported is None else reported.first_contact,
+        downlink_fallbacks=None if reported is None else reported.fallbacks,
+        downlink_rate_bps=link.downlink_bps,
     )
 
 
@@ -434,10 +489,13 @@ def run_fleet(
     workdir: Path,
     *,
     links: dict[str, LinkProfile] | None = None,
+    downlink_asymmetry: float = DOWNLINK_ASYMMETRY,
     on_method: Callable[[str, FleetRun], None] | None = None,
     on_round: Callable[[str, FleetRun, FleetRound], None] | None = None,
 ) -> FleetRun:
     """Run every method in ``methods`` on one fleet (own Mosquitto); returns the run record.
+
+    Devices whose link has no downlink rate get their uplink x ``downlink_asymmetry``.
 
     ``on_round`` (method, record so far, the round) as each round ends and ``on_method`` as each
     method ends get the record with every method run so far, the current one as far as it got.
@@ -446,10 +504,12 @@ def run_fleet(
         compression_for(label, 1)  # unknown names fail before anything starts
     workdir.mkdir(parents=True, exist_ok=True)
     with LocalBroker("dev") as broker:
-        fleet = prepare(config, workdir, broker, links)
+        fleet = prepare(config, workdir, broker, links, downlink_asymmetry)
         run_config = RunConfig.of(
             config, budget_bytes=fleet.budget_bytes, dense_fp16_bytes=fleet.dense_fp16_bytes,
             links={n: fleet.links[n].uplink_bps for n in fleet.names},
+            downlink_asymmetry=downlink_asymmetry,
+            downlinks={n: d for n in fleet.names if (d := fleet.links[n].downlink_bps)},
         )  # fmt: skip
         done: dict[str, MethodRun] = {}
         for label in methods:

@@ -6,6 +6,7 @@ without loading them (:mod:`evaluation.fleet` runs what these describe).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,10 +16,13 @@ from workload.languages import DEFAULT_LANGUAGES
 if TYPE_CHECKING:
     from workload.models import LoraSpec
 
-__all__ = ["METHODS", "FleetConfig"]
+__all__ = ["METHODS", "FleetConfig", "compression_for", "downlink_for"]
 
 #: The compared methods (issue 4): compression settings of the agents; ``budgeted`` ones get the
-#: matched per-round byte budget, the others send what their method makes.
+#: matched per-round byte budget, the others send what their method makes. ``downlink`` is the
+#: aggregator's downlink (decision 13): absent = ``{"mode": "full"}``, the fp16 adapter to every
+#: fetch; ``catchup`` serves ``master - held`` through the fstq codec at ``budget_fraction`` of the
+#: dense fp16 adapter. Every method's devices derive v0 themselves.
 METHODS: dict[str, dict[str, Any]] = {
     "dense_fp16": {"method": "dense_fp16"},
     "qsgd": {"method": "qsgd", "qsgd_bits": 4},
@@ -28,7 +32,43 @@ METHODS: dict[str, dict[str, Any]] = {
     "fstq_percentile": {"method": "fstq", "allocation": "percentile"},
     "fstq_ef": {"method": "fstq", "error_feedback": True, "budgeted": True},
     "fstq_stochastic": {"method": "fstq", "rounding": "stochastic", "budgeted": True},
-}
+    "fstq_down8": {
+        "method": "fstq", "budgeted": True,
+        "downlink": {"mode": "catchup", "budget_fraction": 1 / 8},
+    },
+    "fstq_down16": {
+        "method": "fstq", "budgeted": True,
+        "downlink": {"mode": "catchup", "budget_fraction": 1 / 16},
+    },
+}  # fmt: skip
+_FULL_DOWNLINK: dict[str, Any] = {"mode": "full"}
+#: Settled for every method, so a changed aggregator default cannot change the comparison.
+_DOWNLINK_COMMON: dict[str, Any] = {"derive_v0": True, "fisher": False}
+
+
+def _spec(label: str) -> dict[str, Any]:
+    if label not in METHODS:
+        raise ValueError(f"unknown method {label!r}; known: {', '.join(METHODS)}")
+    return dict(METHODS[label])
+
+
+def compression_for(label: str, budget_bytes: int) -> dict[str, bool | int | float | str]:
+    """The agents' ``compression`` settings of method ``label`` at the matched budget."""
+    spec = _spec(label)
+    spec.pop("downlink", None)
+    if spec.pop("budgeted", False):
+        spec.update(budget_mode="fixed", budget_bytes=budget_bytes)
+    return spec
+
+
+def downlink_for(label: str, dense_fp16_bytes: int) -> dict[str, bool | int | float | str]:
+    """The aggregator's ``downlink`` settings of method ``label``: a catch-up budget as a share
+    of the dense fp16 adapter becomes ``budget_bytes``."""
+    spec = {**_DOWNLINK_COMMON, **_spec(label).get("downlink", _FULL_DOWNLINK)}
+    fraction = spec.pop("budget_fraction", None)
+    if fraction is not None:
+        spec["budget_bytes"] = math.ceil(fraction * dense_fp16_bytes)
+    return spec
 
 
 @dataclass(frozen=True)

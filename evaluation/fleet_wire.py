@@ -11,8 +11,9 @@
 * :class:`FleetWire` — the device's transport: applies the fate (holding a round's announcement
   while its fate is not known yet: with availability windows it depends on the simulated time
   the round starts at, known once the previous round is accounted) and counts what the device
-  publishes on its upload topic per round (MQTT packet bytes, re-sends included), which is what
-  the round-time model charges to the device's link.
+  publishes on its upload topic per round (MQTT packet bytes, re-sends included) and what it
+  receives on its downlink topic to start the round (plans and chunks), which is what the
+  round-time model charges to the device's uplink and downlink.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import numpy as np
 from broker.codec import decode, peek_kind
 from broker.errors import WireError
 from broker.messages import RoundAnnouncement, UploadManifest
-from broker.topics import RoundTopic, UploadTopic, topic_as
+from broker.topics import DownTopic, RoundTopic, UploadTopic, topic_as
 from broker.transport import Completion, DelegatingTransport, Message, PublishHandle, Transport
 
 __all__ = ["Fate", "FleetClock", "FleetWire", "dropout_fate"]
@@ -85,6 +86,8 @@ class FleetWire(DelegatingTransport):
         self._upload_bytes: defaultdict[int, int] = defaultdict(int)
         self._chunks_sent: defaultdict[int, int] = defaultdict(int)
         self._chunk_count: dict[int, int] = {}
+        self._downlink_bytes: defaultdict[int, int] = defaultdict(int)
+        self._round: int | None = None  # the round whose announcement the device got last
         #: Rounds this device dropped out of, and how.
         self.dropped: dict[int, Fate] = {}
 
@@ -93,6 +96,12 @@ class FleetWire(DelegatingTransport):
         with self._lock:
             return self._upload_bytes.get(round_id, 0)
 
+    def downlink_bytes(self, round_id: int) -> int:
+        """MQTT PUBLISH bytes this device received on its downlink topic while on ``round_id``
+        (a device fetches only to start an announced round)."""
+        with self._lock:
+            return self._downlink_bytes.get(round_id, 0)
+
     def receive(self, timeout: float | None = None) -> Message | None:
         released = self._release()
         if released is not None:
@@ -100,6 +109,9 @@ class FleetWire(DelegatingTransport):
         if self._held:  # poll briefly: a held announcement may be decided any moment
             timeout = 0.05 if timeout is None else min(timeout, 0.05)
         msg = self.inner.receive(timeout)
+        if msg is not None and self._round is not None and topic_as(msg.topic, DownTopic):
+            with self._lock:
+                self._downlink_bytes[self._round] += msg.wire_size
         if msg is None or not msg.payload or topic_as(msg.topic, RoundTopic) is None:
             return msg
         try:
@@ -121,6 +133,7 @@ class FleetWire(DelegatingTransport):
                 with self._lock:
                     self.dropped[round_id] = fate
                 continue  # as if the device were off the air for this round
+            self._round = round_id
             return msg
         return None
 

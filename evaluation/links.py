@@ -9,6 +9,10 @@ With the defaults (median 4 Mbit/s, sigma 1, clipped to [0.5, 20] Mbit/s) about 
 fall below 2 Mbit/s (the paper's "0.5–2 Mbps stragglers"), 1.9% sit at the 0.5 Mbit/s floor
 and 5.4% at the 20 Mbit/s ceiling (the paper's controlled LTE rate); with 10 clients a round,
 about 94% of rounds include at least one client under 2 Mbit/s.
+
+Downlink (`with_downlinks`): a trace's own ``downlink_kbps`` where it gives one, otherwise the
+uplink times :data:`DOWNLINK_ASYMMETRY` (13/6: the LTE medians of Huang et al., MobiSys 2012,
+13 Mbit/s down and 6 Mbit/s up over 3,000+ phones; see evaluation/README.md, "Link model").
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from statistics import NormalDist
 from typing import Any
@@ -24,6 +28,7 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "DOWNLINK_ASYMMETRY",
     "EXAMPLE_TRACE",
     "TRACE_FORMAT",
     "LinkProfile",
@@ -33,6 +38,7 @@ __all__ = [
     "links_from_spec",
     "load_trace",
     "lognormal_links",
+    "with_downlinks",
 ]
 
 TRACE_FORMAT = "fedfstq-link-trace/1"
@@ -40,6 +46,14 @@ EXAMPLE_TRACE = Path(__file__).parent / "traces" / "example.json"  # shipped as 
 _MBPS = 1e6
 _LOGNORMAL_PARAMS = frozenset({"median_mbps", "sigma", "lo_mbps", "hi_mbps"})
 _KBPS = 1e3
+#: Downlink / uplink rate of a device whose trace gives no downlink rate. Anchor: the median LTE
+#: throughput measured by the 4GTest app on more than 3,000 Android phones, 13 Mbit/s downlink
+#: and 6 Mbit/s uplink (J. Huang et al., "A close examination of performance and power
+#: characteristics of 4G LTE networks", MobiSys 2012, abstract). For comparison, Ookla's
+#: Speedtest Global Index for October 2020 gave 39.18 / 11.63 Mbit/s (3.4x) on mobile worldwide
+#: and 12.34 / 4.52 Mbit/s (2.7x) in India: the LTE figure is the least asymmetric, so it charges
+#: the downlink the most.
+DOWNLINK_ASYMMETRY = 13 / 6
 
 Window = tuple[float, float]
 
@@ -125,6 +139,19 @@ def lognormal_links(
     _check_unique(clients)
     mbps = np.clip(rng.lognormal(math.log(median_mbps), sigma, len(clients)), lo_mbps, hi_mbps)
     return {c: LinkProfile(uplink_bps=float(r) * _MBPS) for c, r in zip(clients, mbps, strict=True)}
+
+
+def with_downlinks(
+    links: Mapping[str, LinkProfile], asymmetry: float = DOWNLINK_ASYMMETRY
+) -> dict[str, LinkProfile]:
+    """Every profile with a downlink rate: its own (a trace's ``downlink_kbps``), else the uplink
+    times ``asymmetry`` (one device's channel decides both directions, so they go together)."""
+    if not _positive(asymmetry):
+        raise ValueError(f"asymmetry must be positive and finite, got {asymmetry}")
+    return {
+        c: p if p.downlink_bps is not None else replace(p, downlink_bps=p.uplink_bps * asymmetry)
+        for c, p in links.items()
+    }
 
 
 def assign_links(

@@ -1,4 +1,5 @@
-"""Quality against cumulative uplink bytes and against simulated time, one line per method.
+"""Quality against cumulative bytes (uplink, or both ways) and against simulated time (each
+device's download included, or uplink only as older records had it), one line per method.
 
 Figures are drawn on a bare ``matplotlib.figure.Figure`` (rendered by Agg when saved as PNG),
 never through pyplot: no global figure state and no display needed. matplotlib is imported
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from evaluation.summary import method_records
-from evaluation.targets import progress
+from evaluation.targets import Progress, progress
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -21,7 +22,15 @@ if TYPE_CHECKING:
 
 __all__ = ["XAxis", "plot_quality_vs_bytes", "plot_quality_vs_time", "quality_figure"]
 
-XAxis = Literal["bytes", "time"]
+#: ``bytes``: uplink; ``total``: uplink + downlink; ``time``: with the downlink; ``uplink_time``:
+#: without it.
+XAxis = Literal["bytes", "total", "time", "uplink_time"]
+_XLABELS: dict[XAxis, str] = {
+    "bytes": "cumulative uplink bytes on the wire",
+    "total": "cumulative bytes on the wire, uplink + downlink",
+    "time": "cumulative simulated time, downlink included (s)",
+    "uplink_time": "cumulative simulated time, uplink only (s)",
+}
 
 _LABELS = {
     "loss": "held-out answer-token loss",
@@ -30,23 +39,38 @@ _LABELS = {
 }
 
 
-def plot_quality_vs_bytes(run: FleetRun, metric: str, path: str | Path) -> Path:
-    """``metric`` against cumulative uplink wire bytes on a log axis (round 0, at 0 B, left out)."""
-    return _plot(run, metric, Path(path), "bytes")
+def plot_quality_vs_bytes(
+    run: FleetRun, metric: str, path: str | Path, *, both_ways: bool = False
+) -> Path:
+    """``metric`` against cumulative uplink wire bytes (``both_ways``: uplink + downlink) on a log
+    axis (round 0, at 0 B, left out)."""
+    return _plot(run, metric, Path(path), "total" if both_ways else "bytes")
 
 
-def plot_quality_vs_time(run: FleetRun, metric: str, path: str | Path) -> Path:
-    """``metric`` against cumulative simulated round time, from round 0 at t = 0."""
-    return _plot(run, metric, Path(path), "time")
+def plot_quality_vs_time(
+    run: FleetRun, metric: str, path: str | Path, *, downlink: bool = True
+) -> Path:
+    """``metric`` against cumulative simulated round time, from round 0 at t = 0 (``downlink``:
+    each device's download counted)."""
+    return _plot(run, metric, Path(path), "time" if downlink else "uplink_time")
+
+
+def _x(p: Progress, x: XAxis) -> float:
+    return {
+        "bytes": float(p.uplink_wire_bytes),
+        "total": float(p.total_wire_bytes),
+        "time": p.time_with_downlink_s,
+        "uplink_time": p.time_s,
+    }[x]
 
 
 def _series(rounds: Sequence[FleetRound], metric: str, x: XAxis) -> tuple[list[float], list[float]]:
     xs: list[float] = []
     ys: list[float] = []
     for p in progress(rounds, metric):
-        if p.value is None or (x == "bytes" and p.uplink_wire_bytes <= 0):
+        if p.value is None or (x in ("bytes", "total") and _x(p, x) <= 0):
             continue  # unevaluated, or round 0 (no bytes yet) on a log axis
-        xs.append(float(p.uplink_wire_bytes) if x == "bytes" else p.time_s)
+        xs.append(_x(p, x))
         ys.append(p.value)
     return xs, ys
 
@@ -62,11 +86,9 @@ def quality_figure(run: FleetRun, metric: str, x: XAxis) -> Figure:
     target = run.target
     if target is not None and target.metric == metric:
         ax.axhline(target.value, color="0.4", linestyle="--", linewidth=1, label="target")
-    if x == "bytes":
+    if x in ("bytes", "total"):
         ax.set_xscale("log")
-        ax.set_xlabel("cumulative uplink bytes on the wire")
-    else:
-        ax.set_xlabel("cumulative simulated time (s)")
+    ax.set_xlabel(_XLABELS[x])
     ax.set_ylabel(_LABELS.get(metric, metric))
     ax.grid(True, which="both", alpha=0.3)
     if ax.has_data():

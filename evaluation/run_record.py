@@ -11,12 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass as std_dataclass
 from dataclasses import fields
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic.dataclasses import dataclass
 
 from aggregator.round_result import HeldOutEval, RoundStatus
 from common.record import RECORD_CONFIG, RecordError, from_json, omitted_if_none, to_json
+from evaluation.downlink import DownlinkRound, Route, Staleness
 from evaluation.fleet_config import FleetConfig
 from evaluation.targets import Target
 
@@ -51,6 +52,10 @@ class RunConfig(FleetConfig):
     budget_bytes: int  # the matched budget of the budgeted methods
     dense_fp16_bytes: int  # one dense fp16 update of this LoRA
     links: dict[str, float]  # device -> uplink bit/s
+    # Records before the downlink accounting have neither (None, left out of the JSON):
+    # downlink / uplink rate where a trace gave no downlink (evaluation.links.DOWNLINK_ASYMMETRY)
+    downlink_asymmetry: Annotated[float | None, omitted_if_none()] = None
+    downlinks: Annotated[dict[str, float] | None, omitted_if_none()] = None  # device -> bit/s
 
     @classmethod
     def of(
@@ -60,11 +65,14 @@ class RunConfig(FleetConfig):
         budget_bytes: int,
         dense_fp16_bytes: int,
         links: dict[str, float],
+        downlink_asymmetry: float | None = None,
+        downlinks: dict[str, float] | None = None,
     ) -> RunConfig:
         settings = {f.name: getattr(config, f.name) for f in fields(FleetConfig)}
         return cls(
-            **settings, budget_bytes=budget_bytes, dense_fp16_bytes=dense_fp16_bytes, links=links
-        )
+            **settings, budget_bytes=budget_bytes, dense_fp16_bytes=dense_fp16_bytes, links=links,
+            downlink_asymmetry=downlink_asymmetry, downlinks=downlinks,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True, config=RECORD_CONFIG)
@@ -92,6 +100,14 @@ class DeviceRound:
     rate_bps: float  # its uplink
     arrived: bool
     dropped: Dropout | None
+    # The downlink (absent from records before the downlink accounting: evaluation.downlink
+    # reads those as a full fetch by every device that saw the round).
+    downlink_bytes: int | None = omitted_if_none()  # what it received to start the round
+    downlink_route: Route | None = omitted_if_none()  # None: it never saw the round
+    staleness: Staleness | None = omitted_if_none()  # versions behind, or "new"
+    first_contact: bool | None = omitted_if_none()  # it held nothing fetched before
+    downlink_fallbacks: int | None = omitted_if_none()  # catch-ups that failed to verify
+    downlink_rate_bps: float | None = omitted_if_none()  # its downlink
 
 
 @dataclass(frozen=True, kw_only=True, config=RECORD_CONFIG)
@@ -100,6 +116,7 @@ class FleetRound:
 
     round: int
     status: Literal["initial"] | RoundStatus
+    base_version: int | None = omitted_if_none()  # the global version trained on
     selected: tuple[str, ...]
     arrived: tuple[str, ...]
     dropped: tuple[str, ...]
@@ -108,11 +125,16 @@ class FleetRound:
     uplink_resent_bytes: int  # chunk data of re-sent chunks (rounds.jsonl: duplicate_bytes)
     device_upload_bytes: int | None = omitted_if_none()  # the devices' count; not in round 0
     downlink_wire_bytes: int
+    downlink: DownlinkRound | None = omitted_if_none()  # by route and staleness; not in round 0
     late: int | None = omitted_if_none()  # not in round 0
     rejected: dict[str, int] | None = omitted_if_none()  # not in round 0
     clients: tuple[DeviceRound, ...]
     server_s: float  # the aggregator's close (aggregation, saving the new global)
-    round_time_s: float  # simulated: server_s + the slowest arrived device (evaluation/round_time)
+    # Simulated (evaluation/round_time): server_s + the slowest arrived device's compute and
+    # upload; the key keeps the meaning it has in older records.
+    round_time_s: float
+    # The same with each device's download first (absent from older records).
+    round_time_with_downlink_s: float | None = omitted_if_none()
     eval: FleetEval
 
 
@@ -123,6 +145,9 @@ class MethodRun:
     method: str  # the compressor (a METHODS entry's "method")
     options: dict[str, Scalar]  # its other compression settings
     budget_bytes: int | None  # None: not budgeted
+    #: The aggregator's downlink settings (evaluation.fleet_config.METHODS); None: full fp16,
+    #: what every record before the catch-up downlink did.
+    downlink: dict[str, Scalar] | None = omitted_if_none()
     dense_fp16_bytes: int
     rounds: tuple[FleetRound, ...]
     skipped_wait_s: float | None = omitted_if_none()  # once the run ended

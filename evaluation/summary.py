@@ -1,8 +1,10 @@
-"""Per-method summary of a fleet run record and the Markdown tables for EVALUATION.md.
+"""Per-method summary of a fleet run record (its Markdown tables: :mod:`evaluation.tables`).
 
 The run record is :class:`~evaluation.run_record.FleetRun` (what evaluation/fleet.py writes). Ratios
 are "dense / method" against the ``dense_fp16`` run, so 46x means 46 times less; without a
-dense run they are None. A method that never reaches the target says so instead of a number.
+dense run they are None. Bytes are counted both ways: uplink, downlink and their total, to the
+target and at dense's final round; time with each device's download and, as older records had
+it, without.
 """
 
 from __future__ import annotations
@@ -10,25 +12,72 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Protocol
 
+from evaluation.downlink import (
+    CatchupError,
+    DownlinkCount,
+    Route,
+    add_counts,
+    device_downlinks,
+    round_downlinks,
+    sort_staleness,
+    tally,
+)
 from evaluation.run_record import FleetRound, FleetRun, MethodRun, RunRecordError, Scalar
-from evaluation.targets import Target, ToTarget, metric_value, progress, to_target
+from evaluation.targets import Progress, Target, ToTarget, metric_value, progress, to_target
 
 __all__ = [
     "METRICS",
     "REFERENCE",
     "MethodSummary",
+    "Ratios",
     "RunRecordError",
     "Summary",
-    "markdown_tables",
     "method_records",
     "summarize",
 ]
 
 REFERENCE = "dense_fp16"
 METRICS = ("loss", "accuracy", "rouge_l")
-_LABELS = {"loss": "loss", "accuracy": "accuracy", "rouge_l": "ROUGE-L"}
-_NONE = "—"
+
+
+class _Spent(Protocol):
+    """What a run had spent by some round (a :class:`Progress` or a :class:`ToTarget`)."""
+
+    @property
+    def uplink_wire_bytes(self) -> int: ...
+    @property
+    def downlink_wire_bytes(self) -> int: ...
+    @property
+    def total_wire_bytes(self) -> int: ...
+    @property
+    def time_s(self) -> float: ...
+    @property
+    def time_with_downlink_s(self) -> float: ...
+
+
+@dataclass(frozen=True)
+class Ratios:
+    """dense / method of each cost (46x: 46 times less); None without both sides."""
+
+    uplink: float | None = None
+    downlink: float | None = None
+    total: float | None = None
+    time_s: float | None = None  # uplink-only round times
+    time_with_downlink_s: float | None = None
+
+    @classmethod
+    def of(cls, dense: _Spent | None, method: _Spent | None) -> Ratios:
+        if dense is None or method is None:
+            return cls()
+        return cls(
+            uplink=_ratio(dense.uplink_wire_bytes, method.uplink_wire_bytes),
+            downlink=_ratio(dense.downlink_wire_bytes, method.downlink_wire_bytes),
+            total=_ratio(dense.total_wire_bytes, method.total_wire_bytes),
+            time_s=_ratio(dense.time_s, method.time_s),
+            time_with_downlink_s=_ratio(dense.time_with_downlink_s, method.time_with_downlink_s),
+        )
 
 
 @dataclass(frozen=True)
@@ -45,16 +94,34 @@ class MethodSummary:
     #: final round)
     vs_dense_pct: dict[str, float | None]
     by_round: dict[int, dict[str, float | None]]  # round -> metric -> value
+    spent: dict[int, Progress]  # round -> what rounds 1..round cost
     to_target: ToTarget | None  # None: no target, or never reached
-    bytes_ratio: float | None  # dense / method, uplink wire bytes to target
-    time_ratio: float | None  # dense / method, simulated time to target
+    to_target_ratios: Ratios  # dense / method, to the target
+    #: What rounds 1..dense's final round cost (the method's own final round if it ran fewer)
+    at_dense_final: Progress | None
+    at_dense_final_ratios: Ratios
     total_uplink_wire_bytes: int  # all rounds
     total_resent_bytes: int  # all rounds: duplicate chunks the aggregator received
-    total_downlink_wire_bytes: int  # all rounds: global adapter chunks sent to devices
-    total_time_s: float  # all rounds
+    total_downlink_wire_bytes: int  # all rounds: what the aggregator sent devices to start rounds
+    total_time_s: float  # all rounds, uplink-only round times
+    total_time_with_downlink_s: float  # all rounds
     mean_payload_bytes: float | None  # per arrived client per round
     payload_ratio: float | None  # dense / method, mean payload
     agent_peak_rss_mb: float | None
+    downlink: dict[str, Scalar] | None  # the aggregator's downlink settings; None: full fp16
+    downlink_by_route: dict[Route, DownlinkCount]  # all rounds
+    #: all rounds, as the devices saw it: how many versions their held state was behind ("new":
+    #: it held nothing). The aggregator's own breakdown (FleetRound.downlink) files every first
+    #: contact under "new"; a device that derived v0 knows it is base_version behind.
+    downlink_by_staleness: dict[str, DownlinkCount]
+    #: all rounds: devices that held nothing fetched before (derived v0, or nothing), any staleness
+    downlink_first_contact: DownlinkCount
+    downlink_fallbacks: int  # all rounds: catch-ups that failed to verify on the device
+    catchup_error: dict[int, CatchupError]  # round -> the aggregator's, rounds with catch-ups
+
+    @property
+    def total_wire_bytes(self) -> int:
+        return self.total_uplink_wire_bytes + self.total_downlink_wire_bytes
 
 
 @dataclass(frozen=True)
@@ -89,6 +156,16 @@ def _method(name: str, rec: MethodRun, target: Target | None) -> MethodSummary:
     rounds = rec.rounds
     steps = progress(rounds, METRICS[0])  # cumulative bytes and time; metrics read below
     last = rounds[-1] if rounds else None
+    by_route: dict[Route, DownlinkCount] = {}
+    by_staleness: dict[str, DownlinkCount] = {}
+    errors: dict[int, CatchupError] = {}
+    devices = device_downlinks(rounds)
+    for rnd, down, got in zip(rounds, round_downlinks(rounds), devices, strict=True):
+        by_route = add_counts(by_route, down.by_route)
+        by_staleness = add_counts(by_staleness, tally(got.values()).by_staleness)
+        if down.catchup_error is not None:
+            errors[rnd.round] = down.catchup_error
+    first = [d for got in devices for d in got.values() if d.first_contact]
     return MethodSummary(
         method=name,
         options=dict(rec.options),
@@ -97,16 +174,27 @@ def _method(name: str, rec: MethodRun, target: Target | None) -> MethodSummary:
         final={m: None if last is None else metric_value(last, m) for m in METRICS},
         vs_dense_pct=dict.fromkeys(METRICS),
         by_round={r.round: {m: metric_value(r, m) for m in METRICS} for r in rounds},
+        spent={p.round: p for p in steps},
         to_target=None if target is None else to_target(rounds, target),
-        bytes_ratio=None,
-        time_ratio=None,
+        to_target_ratios=Ratios(),
+        at_dense_final=steps[-1] if steps else None,
+        at_dense_final_ratios=Ratios(),
         total_uplink_wire_bytes=steps[-1].uplink_wire_bytes if steps else 0,
         total_resent_bytes=sum(r.uplink_resent_bytes for r in rounds),
-        total_downlink_wire_bytes=sum(r.downlink_wire_bytes for r in rounds),
+        total_downlink_wire_bytes=steps[-1].downlink_wire_bytes if steps else 0,
         total_time_s=steps[-1].time_s if steps else 0.0,
+        total_time_with_downlink_s=steps[-1].time_with_downlink_s if steps else 0.0,
         mean_payload_bytes=_mean_payload(rounds),
         payload_ratio=None,
         agent_peak_rss_mb=rec.agent_peak_rss_mb,
+        downlink=None if rec.downlink is None else dict(rec.downlink),
+        downlink_by_route=by_route,
+        downlink_by_staleness=sort_staleness(by_staleness),
+        downlink_first_contact=DownlinkCount(
+            fetches=len(first), wire_bytes=sum(d.wire_bytes for d in first)
+        ),
+        downlink_fallbacks=sum(c.downlink_fallbacks or 0 for r in rounds for c in r.clients),
+        catchup_error=errors,
     )
 
 
@@ -133,150 +221,15 @@ def _against(m: MethodSummary, ref: MethodSummary | None) -> MethodSummary:
     """Fill in the comparisons with the reference run."""
     if ref is None:
         return m
-    bytes_ratio = time_ratio = None
-    mt, rt = m.to_target, ref.to_target
-    if mt is not None and rt is not None:
-        bytes_ratio = _ratio(rt.uplink_wire_bytes, mt.uplink_wire_bytes)
-        time_ratio = _ratio(rt.time_s, mt.time_s)
     same = m.final if ref.final_round is None else m.by_round.get(ref.final_round, m.final)
+    at = m.at_dense_final
+    if ref.final_round is not None:
+        at = m.spent.get(ref.final_round, at)
     return replace(
         m,
         vs_dense_pct={k: _change_pct(same[k], ref.final[k]) for k in METRICS},
-        bytes_ratio=bytes_ratio,
-        time_ratio=time_ratio,
+        to_target_ratios=Ratios.of(ref.to_target, m.to_target),
+        at_dense_final=at,
+        at_dense_final_ratios=Ratios.of(ref.at_dense_final, at),
         payload_ratio=_ratio(ref.mean_payload_bytes, m.mean_payload_bytes),
     )
-
-
-# --- Markdown ------------------------------------------------------------------------------
-
-
-def _bytes(n: float | None) -> str:
-    if n is None:
-        return _NONE
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n:.0f} B"
-
-
-def _times(x: float | None) -> str:
-    return _NONE if x is None else f"{x:.1f}x"
-
-
-def _pct(x: float | None) -> str:
-    return _NONE if x is None else f"{x:+.1f}%"
-
-
-def _num(x: float | None, fmt: str = ".4f") -> str:
-    return _NONE if x is None else format(x, fmt)
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
-
-    return "\n".join([line(header), line(["---"] * len(header)), *map(line, rows)])
-
-
-def _options(m: MethodSummary) -> str:
-    return ", ".join(f"{k}={v}" for k, v in sorted(m.options.items())) or _NONE
-
-
-def _quality_table(s: Summary) -> str:
-    header = ["method", "options", "final round", *(_LABELS[k] for k in METRICS)]
-    if s.reference:
-        at = s.methods[s.reference].final_round
-        header += [f"{_LABELS[k]} vs dense (round {at})" for k in METRICS]
-    rows = []
-    for m in s.methods.values():
-        row = [
-            m.method,
-            _options(m),
-            _num(m.final_round, "d"),
-            *(_num(m.final[k]) for k in METRICS),
-        ]
-        if s.reference:
-            row += [_pct(m.vs_dense_pct[k]) for k in METRICS]
-        rows.append(row)
-    return _table(header, rows)
-
-
-def _target_table(s: Summary, target: Target) -> str:
-    header = ["method", "round reached", "uplink to target", "dense / method", "time to target"]
-    header.append("dense / method")
-    rows = []
-    for m in s.methods.values():
-        t = m.to_target
-        if t is None:
-            rows.append(
-                [
-                    m.method,
-                    f"not reached in {m.rounds} rounds",
-                    "not reached",
-                    _NONE,
-                    "not reached",
-                    _NONE,
-                ]
-            )
-            continue
-        rows.append(
-            [
-                m.method,
-                str(t.round),
-                _bytes(t.uplink_wire_bytes),
-                _times(m.bytes_ratio),
-                f"{t.time_s:,.1f} s",
-                _times(m.time_ratio),
-            ]
-        )
-    return _table(header, rows)
-
-
-def _traffic_table(s: Summary) -> str:
-    header = [
-        "method",
-        "mean payload / client / round",
-        "dense / method",
-        "total uplink",
-        "of which re-sent",
-        "total downlink",
-        "total simulated time",
-        "peak agent RSS",
-    ]
-    rows = [
-        [
-            m.method,
-            _bytes(m.mean_payload_bytes),
-            _times(m.payload_ratio),
-            _bytes(m.total_uplink_wire_bytes),
-            _bytes(m.total_resent_bytes),
-            _bytes(m.total_downlink_wire_bytes),
-            f"{m.total_time_s:,.1f} s",
-            _NONE if m.agent_peak_rss_mb is None else f"{m.agent_peak_rss_mb:,.0f} MB",
-        ]
-        for m in s.methods.values()
-    ]
-    return _table(header, rows)
-
-
-def markdown_tables(summary: Summary) -> str:
-    """The three EVALUATION.md tables: final quality, cost to target, traffic and memory."""
-    parts = ["### Quality at the final round", "", _quality_table(summary), ""]
-    t = summary.target
-    if t is None:
-        parts += ["### Cost to the target", "", "No target in the run record.", ""]
-    else:
-        op = ">=" if t.higher_is_better else "<="
-        parts += [
-            f"### Cost to the target: {_LABELS.get(t.metric, t.metric)} {op} {t.value:.4f}",
-            "",
-            f"Target (its rule fixed before the run): {t.rule.rstrip('.')}.",
-            "",
-            _target_table(summary, t),
-            "",
-        ]
-    parts += ["### Traffic and memory (all rounds)", "", _traffic_table(summary), ""]
-    if summary.reference is None:
-        parts.append(f"No `{REFERENCE}` run in the record, so there are no ratios to dense.\n")
-    return "\n".join(parts)

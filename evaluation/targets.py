@@ -2,8 +2,9 @@
 
 The target is a value of one evaluation metric fixed before the compared runs: by default the
 value the dense reference reaches with 95% of its improvement from round 0 to its last round.
-A method's cost to target is what it spent (uplink bytes on the wire, simulated time) over
-rounds 1..k, where k is the first round whose evaluation reaches the target.
+A method's cost to target is what it spent (uplink and downlink bytes on the wire, simulated
+time with and without the downlink) over rounds 1..k, where k is the first round whose evaluation
+reaches the target.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING
 from pydantic.dataclasses import dataclass as record
 
 from common.record import RECORD_CONFIG
+from evaluation.downlink import time_with_downlink
 
 if TYPE_CHECKING:
     from evaluation.run_record import FleetRound
@@ -90,7 +92,14 @@ class Progress:
     round: int
     value: float | None  # the metric after this round; None when the round was not evaluated
     uplink_wire_bytes: int  # cumulative over rounds 1..round
-    time_s: float  # cumulative simulated round time over rounds 1..round
+    time_s: float  # cumulative simulated round time over rounds 1..round, uplink only
+    downlink_wire_bytes: int = 0  # cumulative over rounds 1..round
+    time_with_downlink_s: float = 0.0  # cumulative, each device's download included
+
+    @property
+    def total_wire_bytes(self) -> int:
+        """Both directions: what the run cost the network."""
+        return self.uplink_wire_bytes + self.downlink_wire_bytes
 
 
 @dataclass(frozen=True)
@@ -99,7 +108,13 @@ class ToTarget:
 
     round: int
     uplink_wire_bytes: int
-    time_s: float
+    time_s: float  # uplink only, as in records before the downlink accounting
+    downlink_wire_bytes: int = 0
+    time_with_downlink_s: float = 0.0
+
+    @property
+    def total_wire_bytes(self) -> int:
+        return self.uplink_wire_bytes + self.downlink_wire_bytes
 
 
 def metric_value(rnd: FleetRound, metric: str) -> float | None:
@@ -114,12 +129,15 @@ def progress(rounds: Sequence[FleetRound], metric: str) -> list[Progress]:
     what they spent.
     """
     out: list[Progress] = []
-    total_bytes, total_s = 0, 0.0
-    for rnd in rounds:
+    up = down = 0
+    up_s = both_s = 0.0
+    for rnd, with_down_s in zip(rounds, time_with_downlink(rounds), strict=True):
         if rnd.round > 0:
-            total_bytes += rnd.uplink_wire_bytes
-            total_s += rnd.round_time_s
-        out.append(Progress(rnd.round, metric_value(rnd, metric), total_bytes, total_s))
+            up += rnd.uplink_wire_bytes
+            down += rnd.downlink_wire_bytes
+            up_s += rnd.round_time_s
+            both_s += with_down_s
+        out.append(Progress(rnd.round, metric_value(rnd, metric), up, up_s, down, both_s))
     return out
 
 
@@ -127,5 +145,8 @@ def to_target(rounds: Sequence[FleetRound], target: Target) -> ToTarget | None:
     """Cost to the first round reaching ``target``; None if the run never reaches it."""
     for p in progress(rounds, target.metric):
         if target.reached(p.value):
-            return ToTarget(p.round, p.uplink_wire_bytes, p.time_s)
+            return ToTarget(
+                p.round, p.uplink_wire_bytes, p.time_s, p.downlink_wire_bytes,
+                p.time_with_downlink_s,
+            )  # fmt: skip
     return None

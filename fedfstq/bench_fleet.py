@@ -3,7 +3,10 @@
 Runs every method on one fleet (evaluation.fleet), writes the run record as JSON after each
 round (a long run that is stopped keeps what it measured), fixes the quality target (decision
 14: ``--target-value``, or the rule "95% of the dense run's improvement"), and prints the
-summary tables; ``--plots DIR`` draws quality versus uplink bytes and versus simulated time.
+summary tables; ``--plots DIR`` draws quality versus bytes (uplink, and both ways) and versus
+simulated time (with the downlink, and uplink only). ``--seeds 0,1`` runs the whole comparison
+once per seed, each its own fleet with its own record; the report keeps seeds apart and sets
+their headline numbers side by side.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import argparse
 import logging
 import signal
 import sys
+from collections.abc import Sequence
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,6 +32,7 @@ from fedfstq.option_types import (
 from fedfstq.workdir import claim_workdir
 
 if TYPE_CHECKING:
+    from evaluation.links import LinkProfile
     from evaluation.run_record import FleetRound, FleetRun, RunConfig
     from evaluation.targets import Target
 
@@ -36,6 +41,15 @@ __all__ = ["add_arguments", "main"]
 log = logging.getLogger(__name__)
 
 _HIGHER_IS_BETTER = {"loss": False, "accuracy": True, "rouge_l": True}
+
+
+def _seed_list(text: str) -> tuple[int, ...]:
+    """``--seeds``: comma-separated, distinct integers >= 0."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    seeds = tuple(non_negative_int(item) for item in items)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"expected distinct seeds like 0,1, got {text!r}")
+    return seeds
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -65,6 +79,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--seed", type=non_negative_int, default=d.seed, help="data split, links, dropouts, LoRA"
     )
+    p.add_argument(
+        "--seeds", type=_seed_list, default=None, metavar="S,S",
+        help="run the comparison once per seed (each its own fleet and record: --json PATH "
+        "becomes PATH-s<seed>.json, the work dir gets an s<seed> folder); overrides --seed",
+    )  # fmt: skip
+    p.add_argument(
+        "--downlink-asymmetry", type=positive_float, default=None, metavar="RATIO",
+        help="downlink rate / uplink rate where a trace gives no downlink (default: 13/6, the "
+        "LTE medians of evaluation/links)",
+    )  # fmt: skip
     p.add_argument("--model", default=d.model, help='"smollm2", "tiny" or a model directory')
     p.add_argument(
         "--steps", type=positive_int, default=d.steps, help="local training steps per round"
@@ -127,15 +151,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
-def _config(args: argparse.Namespace) -> FleetConfig:
+def _config(args: argparse.Namespace, seed: int) -> FleetConfig:
     return FleetConfig(
         clients=args.clients, per_round=args.per_round, rounds=args.rounds, alpha=args.alpha,
-        dropout=args.dropout, seed=args.seed, model=args.model, steps=args.steps,
+        dropout=args.dropout, seed=seed, model=args.model, steps=args.steps,
         batch_size=args.batch_size, max_len=args.max_len, lr=args.lr, lora_r=args.lora_r,
         lora_alpha=2 * args.lora_r, examples_per_client=args.examples_per_client,
         held_out=args.held_out, generation_examples=args.generation_examples,
         budget_fraction=args.budget,
     )  # fmt: skip
+
+
+def _seeds(args: argparse.Namespace) -> tuple[int, ...]:
+    return tuple(args.seeds) if args.seeds is not None else (args.seed,)
+
+
+def _per_seed(path: Path, seed: int, many: bool) -> Path:
+    """Where seed ``seed``'s file or folder goes: ``path`` itself for a single seed."""
+    if not many:
+        return path
+    return path.with_name(f"{path.stem}-s{seed}{path.suffix}") if path.suffix else path / f"s{seed}"
 
 
 def _target(args: argparse.Namespace, record: FleetRun) -> Target | None:
@@ -167,7 +202,8 @@ def _print_round(method: str, r: FleetRound) -> None:
     print(
         f"{method:>16} round {r.round:>3}: loss {ev.loss:.4f} acc {ev.accuracy:.4f} "
         f"rougeL {ev.rouge_l if ev.rouge_l is None else f'{ev.rouge_l:.4f}'} "
-        f"up {r.uplink_wire_bytes:>10,} B  time {r.round_time_s:8.2f} s  "
+        f"up {r.uplink_wire_bytes:>10,} B  down {r.downlink_wire_bytes:>10,} B  "
+        f"time {r.round_time_with_downlink_s or r.round_time_s:8.2f} s  "
         f"arrived {len(r.arrived)}/{len(r.selected)} dropped {list(r.dropped)}",
         flush=True,
     )
@@ -178,8 +214,17 @@ def _fleet(config: RunConfig) -> RunConfig:
     method may run longer to reach the target) and the budget (a method setting: runs at another
     budget keep their methods apart, in :func:`merge_records`)."""
     return replace(
-        config, budget_bytes=0, dense_fp16_bytes=0, links={}, rounds=0, budget_fraction=0.0
-    )
+        config, budget_bytes=0, dense_fp16_bytes=0, links={}, downlinks=None, rounds=0,
+        budget_fraction=0.0, downlink_asymmetry=None,
+    )  # fmt: skip
+
+
+def merge_by_seed(records: Sequence[FleetRun]) -> dict[int, FleetRun]:
+    """Records grouped by seed (each seed its own fleet), each group merged; by seed."""
+    groups: dict[int, list[FleetRun]] = {}
+    for rec in records:
+        groups.setdefault(rec.config.seed, []).append(rec)
+    return {seed: merge_records(groups[seed]) for seed in sorted(groups)}
 
 
 def merge_records(records: list[FleetRun]) -> FleetRun:
@@ -206,23 +251,23 @@ def main(args: argparse.Namespace) -> int:
         from evaluation.run_record import read_run
 
         try:
-            record = merge_records([read_run(path) for path in args.report])
+            records = merge_by_seed([read_run(path) for path in args.report])
         except (OSError, ValueError) as exc:
             print(f"fedfstq bench fleet --report: {exc}", file=sys.stderr)
             return 2
     else:
         try:
-            record = _run(args)
+            records = _run(args)
         except ValueError as exc:  # unknown method, bad trace file, bad option values
             print(f"fedfstq bench fleet: {exc}", file=sys.stderr)
             return 2
-    return _report(args, record)
+    return _report(args, records)
 
 
-def _run(args: argparse.Namespace) -> FleetRun:
-    from evaluation.fleet import run_fleet
+def _run(args: argparse.Namespace) -> dict[int, FleetRun]:
+    """Every seed's comparison in turn; the records, by seed."""
+    from evaluation.fleet import compression_for
     from evaluation.links import load_trace
-    from evaluation.run_record import write_run
 
     # SIGTERM unwinds like Ctrl-C, so the private Mosquitto and the agents are stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -230,36 +275,63 @@ def _run(args: argparse.Namespace) -> FleetRun:
     if not args.verbose:
         logging.getLogger().setLevel(logging.WARNING)
         logging.getLogger("broker.mqtt.paho").setLevel(logging.WARNING)
-    config = _config(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for label in methods:
+        compression_for(label, 1)  # unknown names fail before anything starts
+    trace = load_trace(args.trace) if args.trace is not None else None
+    # The run replaces only its own per-method folders, in a folder it made (or an empty one).
+    workdir = claim_workdir(
+        args.workdir, overwrite=args.overwrite, command="fedfstq bench fleet", fresh=False
+    )
+    seeds = _seeds(args)
+    records: dict[int, FleetRun] = {}
+    for seed in seeds:
+        many = len(seeds) > 1
+        records[seed] = _run_seed(
+            args, _config(args, seed), methods, trace, _per_seed(workdir, seed, many),
+            None if args.json is None else _per_seed(args.json, seed, many),
+        )  # fmt: skip
+    return records  # their targets are fixed by _report
+
+
+def _run_seed(
+    args: argparse.Namespace,
+    config: FleetConfig,
+    methods: list[str],
+    trace: dict[str, LinkProfile] | None,
+    workdir: Path,
+    json_path: Path | None,
+) -> FleetRun:
+    from evaluation.fleet import run_fleet
+    from evaluation.links import DOWNLINK_ASYMMETRY
+    from evaluation.run_record import write_run
+
     links = None
-    if args.trace is not None:
+    if trace is not None:
         import numpy as np
 
         from evaluation.links import assign_links
 
         names = [f"c{i:03d}" for i in range(config.clients)]
-        links = assign_links(names, load_trace(args.trace), np.random.default_rng(config.seed))
+        links = assign_links(names, trace, np.random.default_rng(config.seed))
 
     def save(label: str, rec: FleetRun) -> None:
-        if args.json is not None:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            write_run(args.json, replace(rec, target=_target(args, rec)))
+        if json_path is not None:
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            write_run(json_path, replace(rec, target=_target(args, rec)))
 
     def progress(label: str, rec: FleetRun, rnd: FleetRound) -> None:
-        _print_round(label, rnd)
+        _print_round(f"{label} s{config.seed}", rnd)
         save(label, rec)
 
-    # The run replaces only its own per-method folders, in a folder it made (or an empty one).
-    workdir = claim_workdir(
-        args.workdir, overwrite=args.overwrite, command="fedfstq bench fleet", fresh=False
-    )
-    result = run_fleet(config, methods, workdir, links=links, on_method=save,
-                       on_round=progress)  # fmt: skip
+    result = run_fleet(
+        config, methods, workdir, links=links, on_method=save, on_round=progress,
+        downlink_asymmetry=args.downlink_asymmetry or DOWNLINK_ASYMMETRY,
+    )  # fmt: skip
     if not args.no_memory:
         result = measure_memory(result, workdir)
     save("", result)
-    return result  # its target is fixed by _report
+    return result
 
 
 def measure_memory(record: FleetRun, workdir: Path) -> FleetRun:
@@ -288,24 +360,44 @@ def measure_memory(record: FleetRun, workdir: Path) -> FleetRun:
     return replace(record, methods=methods)
 
 
-def _report(args: argparse.Namespace, record: FleetRun) -> int:
+def _report(args: argparse.Namespace, records: dict[int, FleetRun]) -> int:
     from evaluation.run_record import write_run
-    from evaluation.summary import markdown_tables, summarize
+    from evaluation.summary import Summary, summarize
+    from evaluation.tables import markdown_tables
 
-    record = replace(record, target=_target(args, record))
-    if args.report is not None and args.memory:
-        record = measure_memory(record, args.workdir)
-    if args.report is not None and args.json is not None:
-        write_run(args.json, record)
-    summary = summarize(record)
-    print()
-    print(markdown_tables(summary))
-    if args.plots is not None:
-        from evaluation.plots import plot_quality_vs_bytes, plot_quality_vs_time
+    many = len(records) > 1
+    summaries: dict[int, Summary] = {}
+    for seed, found in records.items():
+        record = replace(found, target=_target(args, found))
+        if args.report is not None and args.memory:
+            record = measure_memory(record, _per_seed(args.workdir, seed, many))
+        if args.report is not None and args.json is not None:
+            write_run(_per_seed(args.json, seed, many), record)
+        summaries[seed] = summarize(record)
+        print()
+        if many:
+            print(f"## Seed {seed}\n")
+        print(markdown_tables(summaries[seed]))
+        if args.plots is not None:
+            _plots(record, _per_seed(args.plots, seed, many))
+    if many:
+        from evaluation.seeds import seeds_table
 
-        args.plots.mkdir(parents=True, exist_ok=True)
-        for metric in ("loss", "rouge_l"):
-            plot_quality_vs_bytes(record, metric, args.plots / f"{metric}_vs_uplink.png")
-            plot_quality_vs_time(record, metric, args.plots / f"{metric}_vs_time.png")
-        print(f"plots in {args.plots}", file=sys.stderr)
+        print(f"## Across seeds {', '.join(map(str, records))} (each its own fleet and target)\n")
+        print(seeds_table(summaries))
     return 0
+
+
+def _plots(record: FleetRun, folder: Path) -> None:
+    """Quality against uplink and total bytes, against time with and without the downlink."""
+    from evaluation.plots import plot_quality_vs_bytes, plot_quality_vs_time
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for metric in ("loss", "rouge_l"):
+        plot_quality_vs_bytes(record, metric, folder / f"{metric}_vs_uplink.png")
+        plot_quality_vs_bytes(record, metric, folder / f"{metric}_vs_total.png", both_ways=True)
+        plot_quality_vs_time(record, metric, folder / f"{metric}_vs_time.png")
+        plot_quality_vs_time(
+            record, metric, folder / f"{metric}_vs_uplink_time.png", downlink=False
+        )
+    print(f"plots in {folder}", file=sys.stderr)

@@ -54,6 +54,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "and the baselines what they make",
     )
     p.add_argument(
+        "--downlink",
+        default="catchup",
+        choices=["catchup", "full"],
+        help="how devices get each new global adapter: one catch-up payload on top of what "
+        "they hold, or the full fp16 adapter (the baseline)",
+    )
+    p.add_argument(
+        "--downlink-budget",
+        type=int_at_least(64),
+        default=None,
+        metavar="BYTES",
+        help="size of a catch-up payload; without it 1/8 of the full fp16 adapter",
+    )
+    p.add_argument(
         "--alpha",
         type=positive_float,
         default=0.1,
@@ -202,6 +216,7 @@ def _write_configs(
                 "selection_seed": args.seed,
             },
             "eval": {"path": str(eval_path), "max_examples": args.eval_examples},
+            "downlink": {"mode": args.downlink, "budget_bytes": args.downlink_budget},
         },
     )
     agent_cfgs = []

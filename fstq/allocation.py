@@ -50,7 +50,7 @@ from fstq.ladder import (
     spread,
 )
 from fstq.quantize import QMAX, expected_sq_error
-from fstq.sparse_codec import FSTQ_WIDTHS, TAG_BITS
+from fstq.sparse_plan import FSTQ_WIDTHS, TAG_BITS
 
 __all__ = [
     "FstqPrices",

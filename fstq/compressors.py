@@ -23,13 +23,7 @@ import numpy as np
 import torch
 
 from fstq.accounting import ByteReport
-from fstq.allocation import (
-    Policy,
-    ScaleRule,
-    Scales,
-    allocation_weights,
-    check_policy,
-)
+from fstq.allocation import Policy, ScaleRule, allocation_weights, check_policy
 from fstq.budget import fstq_budget_plans, section_budget, topk_budget_plans, topk_count_plans
 from fstq.config import FstqConfig
 from fstq.container import METHOD_NAMES, DecodeLimits, Method
@@ -40,6 +34,7 @@ from fstq.encoding import CompressedUpdate, encode_sparse, finish_payload, start
 from fstq.errors import ConfigError
 from fstq.percentile import percentile_plans
 from fstq.qsgd import encode_qsgd_section, write_qsgd_params
+from fstq.sparse_plan import Coding
 
 __all__ = [
     "ByteReport",
@@ -217,7 +212,8 @@ class FstqCompressor:
     ``"uniform"`` (ignores the Fisher: magnitude-based) or ``"random"`` (random support at the
     same budget): the paper's Table VII ablations. ``scale_rule`` picks the INT scales
     (:mod:`fstq.allocation`): ``"search"`` (default), ``"absmax"`` (decision 7 literally) or
-    ``"group"`` (paper literally).
+    ``"group"`` (paper literally). ``entropy_coding=False`` sends every tag and INT code at its
+    fixed width, as format 1 did (for comparisons; the decoder reads both choices).
     """
 
     method = "fstq"
@@ -228,11 +224,13 @@ class FstqCompressor:
         *,
         policy: Policy = "fisher",
         scale_rule: ScaleRule = "search",
+        entropy_coding: bool = True,
     ) -> None:
         check_policy(policy, scale_rule)
         self.config = config
         self.policy: Policy = policy
         self.scale_rule: ScaleRule = scale_rule
+        self.entropy_coding = bool(entropy_coding)
 
     @property
     def error_feedback(self) -> bool:
@@ -261,22 +259,17 @@ class FstqCompressor:
         update = prepare_update(delta, residual=residual, fisher=fisher)
         gen = _rng(rng)
         weights = allocation_weights(update.values, update.fisher, self.policy, gen)
-        scales: list[Scales] | None = None
+        coding = Coding(self.entropy_coding, cfg.rounding, gen)
         if cfg.allocation == "percentile":
-            plans = percentile_plans(update.values, weights, cfg.percentiles)
+            plans = percentile_plans(update.values, weights, cfg.percentiles, coding)
         else:
             assert budget_bytes is not None
-            avail = section_budget(update.specs, budget_bytes)
-            plans, scales = fstq_budget_plans(
-                update.values, weights, avail, cfg.rounding, self.scale_rule
-            )
+            avail = section_budget(update.specs, budget_bytes, tagged=True)
+            plans = fstq_budget_plans(update.values, weights, avail, coding, self.scale_rule)
         return encode_sparse(
             Method.FSTQ,
             update,
             plans,
-            gen,
-            rounding=cfg.rounding,
-            scales=None if self.scale_rule == "absmax" else scales,
             keep_decoded=cfg.error_feedback,
             budget_bytes=budget_bytes,
         )
@@ -313,16 +306,17 @@ class TopkCompressor:
         if budget_bytes is None and self.fraction is None:
             raise ConfigError("topk needs budget_bytes or a fraction")
         update = prepare_update(delta, residual=residual)
+        coding = Coding()
         if budget_bytes is not None:
-            plans = topk_budget_plans(update.values, section_budget(update.specs, budget_bytes))
+            avail = section_budget(update.specs, budget_bytes, tagged=False)
+            plans = topk_budget_plans(update.values, avail, coding)
         else:
             assert self.fraction is not None
-            plans = topk_count_plans(update.values, round(self.fraction * update.n_coords))
+            plans = topk_count_plans(update.values, round(self.fraction * update.n_coords), coding)
         return encode_sparse(
             Method.TOPK,
             update,
             plans,
-            _rng(rng),
             keep_decoded=self.error_feedback,
             budget_bytes=budget_bytes,
         )
@@ -366,12 +360,13 @@ def make_compressor(method: str, **options: Any) -> Compressor: ...
 def make_compressor(method: str, **options: Any) -> Compressor:
     """Build a compressor by method name (for CLIs): fstq, dense_fp32, dense_fp16, qsgd, topk.
 
-    ``fstq`` takes ``config`` (an FstqConfig) or FstqConfig field names, plus ``policy`` and
-    ``scale_rule``; the others take their constructor's keyword arguments.
+    ``fstq`` takes ``config`` (an FstqConfig) or FstqConfig field names, plus ``policy``,
+    ``scale_rule`` and ``entropy_coding``; the others take their constructor's keyword arguments.
     """
     if method == "fstq":
         policy = options.pop("policy", "fisher")
         scale_rule = options.pop("scale_rule", "search")
+        entropy_coding = options.pop("entropy_coding", True)
         config = options.pop("config", None)
         if config is None:
             config = FstqConfig.from_dict(options) if options else FstqConfig()
@@ -379,7 +374,9 @@ def make_compressor(method: str, **options: Any) -> Compressor:
             raise ConfigError(
                 f"fstq: pass either config or field names, not both: {sorted(options)}"
             )
-        return FstqCompressor(config, policy=policy, scale_rule=scale_rule)
+        return FstqCompressor(
+            config, policy=policy, scale_rule=scale_rule, entropy_coding=entropy_coding
+        )
     try:
         if method in ("dense_fp32", "dense_fp16"):
             return DenseCompressor(method.removeprefix("dense_"), **options)  # type: ignore[arg-type]

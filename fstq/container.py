@@ -55,7 +55,10 @@ __all__ = [
 U8 = npt.NDArray[np.uint8]
 
 MAGIC = b"FSTQ"
-FORMAT_VERSION = 1
+# 2: ANS-coded tag and INT streams, complement and full index codes (fstq/README.md, row 12).
+# Format 1 (fixed-width streams) is refused: payloads live for one round, between services of
+# one release, and a mixed fleet must fail loudly rather than misread.
+FORMAT_VERSION = 2
 CRC_BYTES = 4
 
 
@@ -280,8 +283,10 @@ def open_payload(
     reader.pos = len(MAGIC)
     version = reader.u8("version")
     if version != FORMAT_VERSION:
+        hint = " (fixed-width streams, before entropy coding)" if version == 1 else ""
         raise DecodeError(
-            f"unsupported format version {version} (this build reads {FORMAT_VERSION})"
+            f"unsupported format version {version}{hint}: this build reads only version "
+            f"{FORMAT_VERSION}; sender and receiver must run the same fstq release"
         )
     method_id = reader.u8("method")
     if method_id not in Method._value2member_map_:

@@ -12,12 +12,12 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from fstq.container import ByteReader, DecodeLimits, Method, open_payload
+from fstq.container import ByteReader, DecodeLimits, Method, TensorSpec, open_payload
 from fstq.conversion import to_tensor
 from fstq.dense_codec import DENSE_WIDTHS, decode_dense_section
 from fstq.errors import DecodeError
 from fstq.qsgd import decode_qsgd_section, read_qsgd_params
-from fstq.sparse_codec import decode_section
+from fstq.sparse_codec import parse_sections
 
 __all__ = ["DecodeLimits", "decompress"]
 
@@ -43,12 +43,8 @@ def _decompress(payload: bytes, limits: DecodeLimits) -> dict[str, torch.Tensor]
     if not isinstance(payload, bytes | bytearray | memoryview):
         raise DecodeError(f"payload must be bytes, got {type(payload).__name__}")
     method, specs, reader = open_payload(bytes(payload), limits)
-    bits = bucket = 0
-    if method is Method.QSGD:
-        bits, bucket = read_qsgd_params(reader, limits.max_bucket_size)
     out = {}
-    for spec in specs:
-        flat = _decode_one(reader, method, spec.numel, bits, bucket, spec.name)
+    for spec, flat in zip(specs, _flat_values(reader, method, specs, limits), strict=True):
         tensor = to_tensor(flat, spec)
         # Valid sections can still describe values the dtype cannot hold (a huge scale, a
         # float32 beyond the fp16 range): the encoder never emits them, so refuse them.
@@ -61,11 +57,15 @@ def _decompress(payload: bytes, limits: DecodeLimits) -> dict[str, torch.Tensor]
     return out
 
 
-def _decode_one(
-    reader: ByteReader, method: Method, n: int, bits: int, bucket: int, name: str
-) -> F32:
+def _flat_values(
+    reader: ByteReader, method: Method, specs: list[TensorSpec], limits: DecodeLimits
+) -> list[F32]:
+    """Every tensor's flat float32 values, in table order."""
     if method in DENSE_WIDTHS:
-        return decode_dense_section(reader, n, DENSE_WIDTHS[method], name)
+        width = DENSE_WIDTHS[method]
+        return [decode_dense_section(reader, s.numel, width, s.name) for s in specs]
     if method is Method.QSGD:
-        return decode_qsgd_section(reader, n, bits, bucket, name)
-    return decode_section(reader, n, tagged=method is Method.FSTQ, name=name)
+        bits, bucket = read_qsgd_params(reader, limits.max_bucket_size)
+        return [decode_qsgd_section(reader, s.numel, bits, bucket, s.name) for s in specs]
+    # Sparse sections are all parsed first: FSTQ's coded streams follow the last one.
+    return [s.dense() for s in parse_sections(reader, specs, tagged=method is Method.FSTQ)]

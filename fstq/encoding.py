@@ -16,12 +16,11 @@ import numpy.typing as npt
 import torch
 
 from fstq.accounting import ByteReport, PartCounter
-from fstq.allocation import Scales
-from fstq.config import Rounding
 from fstq.container import CRC_BYTES, METHOD_NAMES, ByteWriter, Method, write_table
 from fstq.conversion import UpdateArrays, to_tensor
 from fstq.errors import BudgetError
-from fstq.sparse_codec import FSTQ_WIDTHS, TOPK_WIDTHS, SparsePlan, encode_section
+from fstq.sparse_codec import SparseBlocks, encode_section, write_blocks
+from fstq.sparse_plan import FSTQ_WIDTHS, TOPK_WIDTHS, PayloadPlan
 
 __all__ = ["CompressedUpdate", "encode_sparse", "finish_payload", "start_payload"]
 
@@ -78,23 +77,22 @@ def finish_payload(
 def encode_sparse(
     method: Method,
     update: UpdateArrays,
-    plans: list[SparsePlan],
-    rng: np.random.Generator,
+    plans: PayloadPlan,
     *,
-    rounding: Rounding = "nearest",
-    scales: list[Scales] | None = None,
     keep_decoded: bool,
     budget_bytes: int | None,
 ) -> CompressedUpdate:
-    """The whole payload of an FSTQ or Top-k update from its section plans."""
+    """The whole payload of an FSTQ or Top-k update from its section plans (FSTQ's INT codes
+    are already in its plans)."""
     out, parts = start_payload(method, update)
     decoded: list[F32] = []
-    widths = FSTQ_WIDTHS if method is Method.FSTQ else TOPK_WIDTHS
-    for i, (x, p) in enumerate(zip(update.values, plans, strict=True)):
-        vals = encode_section(
-            out, parts, x, p, rounding, rng, None if scales is None else scales[i]
-        )
-        if keep_decoded:
+    tagged = method is Method.FSTQ
+    widths = FSTQ_WIDTHS if tagged else TOPK_WIDTHS
+    blocks = SparseBlocks.new() if tagged else None
+    for t, x in enumerate(update.values):
+        p = plans.section(t)
+        vals = encode_section(out, parts, p, blocks, keep_decoded=keep_decoded)
+        if vals is not None:
             dense = np.zeros(x.size, dtype=np.float32)
             dense[p.support] = vals
             decoded.append(dense)
@@ -102,6 +100,8 @@ def encode_sparse(
         parts.bits[0] += p.n - p.k
         for width, count in zip(widths[1:], p.counts[-(len(widths) - 1) :], strict=True):
             parts.bits[width] += count
+    if blocks is not None:
+        write_blocks(out, parts, blocks)
     return finish_payload(
         method, out, parts, update, decoded if keep_decoded else None, budget_bytes
     )

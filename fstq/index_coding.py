@@ -8,7 +8,10 @@ support, where the bitmap and varints are 40-70% above it at typical densities):
 * **varint**: LEB128 of the gaps ``idx[0]``, ``idx[1]-idx[0]-1``, ... (gap minus one, so only
   strictly increasing indices can be expressed);
 * **rice**: ``u8 r``, ``varint U``, then ``U`` bytes of unary quotients (``gap >> r`` zeros
-  and a one per index, LSB-first) and ``ceil(k*r/8)`` bytes of ``r``-bit remainders.
+  and a one per index, LSB-first) and ``ceil(k*r/8)`` bytes of ``r``-bit remainders;
+* **complement**: the Rice code of the indices *not* sent (dense supports: a bitmap spends one
+  bit per coordinate where the entropy ``H(k/n)`` is far less; format 2);
+* **full**: every index, no bytes (format 2).
 
 The size of every candidate is computed exactly before choosing; ties prefer bitmap, then
 varint. FSTQ and Top-k share this coder; every decoder check raises DecodeError.
@@ -35,6 +38,7 @@ from fstq.container import ByteReader
 from fstq.errors import DecodeError
 
 __all__ = [
+    "CODED_MODES",
     "MAX_RICE_PARAM",
     "IndexMode",
     "SupportChoice",
@@ -43,22 +47,29 @@ __all__ = [
     "decode_support",
     "encode_support",
     "rice_bits_per_index",
+    "rice_bits_per_index_array",
     "support_gaps",
 ]
 
 U8 = npt.NDArray[np.uint8]
 I64 = npt.NDArray[np.int64]
+F64 = npt.NDArray[np.float64]
 
 MAX_RICE_PARAM = 30
 
 
 class IndexMode(IntEnum):
-    """How a tensor's support is coded (2 bits in the section header)."""
+    """How a tensor's support is coded (3 bits in the section header)."""
 
     EMPTY = 0  # nothing sent
     BITMAP = 1
     VARINT = 2
     RICE = 3
+    COMPLEMENT = 4  # Rice code of the indices not sent
+    FULL = 5  # every index sent
+
+
+CODED_MODES = (IndexMode.VARINT, IndexMode.RICE, IndexMode.COMPLEMENT)  # index bytes in the head
 
 
 @dataclass(frozen=True)
@@ -78,21 +89,27 @@ def support_gaps(support: I64) -> I64:
 
 
 def rice_bits_per_index(density: float) -> float:
-    """Expected Rice bits per index of a random support of ``density`` (best parameter).
+    """Expected Rice bits per index of a random support of ``density`` (best parameter)."""
+    return float(rice_bits_per_index_array(np.array([density]))[0])
+
+
+def rice_bits_per_index_array(density: F64) -> F64:
+    """:func:`rice_bits_per_index` of every density of an array.
 
     Gaps are geometric: ``P(gap >= g) = (1-p)**g``, so the unary part of parameter ``r``
     costs ``1 + q/(1-q)`` bits with ``q = (1-p)**(2**r)``, plus ``r`` remainder bits.
     """
-    p = min(max(density, 1e-12), 1.0)
-    if p >= 1.0:
-        return 1.0
-    best = float("inf")
+    p = np.clip(density.astype(np.float64), 1e-12, 1.0)
+    best = np.full(p.shape, np.inf)
     for r in range(MAX_RICE_PARAM + 1):
-        q = (1 - p) ** (2**r)
-        best = min(best, r + 1 + q / (1 - q))
-        if q < 1e-3:
+        q = (1 - p) ** (2.0**r)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            bits = r + 1 + q / (1 - q)
+        np.minimum(best, np.where(q < 1, bits, np.inf), out=best)
+        if bool((q < 1e-3).all()):  # larger parameters only add remainder bits
             break
-    return best
+    out: F64 = np.where(p >= 1.0, 1.0, best)
+    return out
 
 
 def _rice_candidates(gaps: I64) -> range:
@@ -118,20 +135,46 @@ class SupportChoice:
     rice_param: int = 0
 
 
-def choose_support_code(support: I64, n: int) -> SupportChoice:
-    """The code :func:`encode_support` uses for ``support``, with its exact size."""
-    if support.size == 0:
+def _best_rice(gaps: I64) -> tuple[int, int]:
+    """``(size, parameter)`` of the smallest Rice code of ``gaps``."""
+    return min((_rice_size(gaps, r)[1], r) for r in _rice_candidates(gaps))
+
+
+def choose_support_code(
+    support: I64, n: int, *, complement: I64 | None = None, extended: bool = True
+) -> SupportChoice:
+    """The code :func:`encode_support` uses for ``support``, with its exact size.
+
+    ``complement`` (the indices not sent) may be given instead of computing it; with
+    ``extended=False`` only format 1's codes (bitmap, varint, Rice) are candidates.
+    """
+    k = int(support.size) if complement is None else n - int(complement.size)
+    if k == 0:
         return SupportChoice(IndexMode.EMPTY, 0)
-    gaps = support_gaps(support)
+    if extended and k == n:
+        return SupportChoice(IndexMode.FULL, 0)
     best = SupportChoice(IndexMode.BITMAP, (n + 7) // 8)
-    varint = _varint_total(gaps)
-    if varint < best.nbytes:
-        best = SupportChoice(IndexMode.VARINT, varint)
-    for r in _rice_candidates(gaps):
-        size = _rice_size(gaps, r)[1]
+    if 2 * k < n:  # sparse: code the indices (never shorter than the bitmap when dense)
+        gaps = support_gaps(support)
+        varint = _varint_total(gaps)
+        if varint < best.nbytes:
+            best = SupportChoice(IndexMode.VARINT, varint)
+        size, r = _best_rice(gaps)
         if size < best.nbytes:
             best = SupportChoice(IndexMode.RICE, size, r)
+    elif extended:  # dense: code the indices left out
+        if complement is None:
+            complement = _complement(support, n)
+        size, r = _best_rice(support_gaps(complement))
+        if size < best.nbytes:
+            best = SupportChoice(IndexMode.COMPLEMENT, size, r)
     return best
+
+
+def _complement(support: I64, n: int) -> I64:
+    mask = np.ones(n, dtype=np.bool_)
+    mask[support] = False
+    return np.flatnonzero(mask)
 
 
 def encode_support(support: I64, n: int, choice: SupportChoice | None = None) -> SupportCode:
@@ -147,9 +190,12 @@ def encode_support(support: I64, n: int, choice: SupportChoice | None = None) ->
         mask = np.zeros(n, dtype=np.bool_)
         mask[support] = True
         return SupportCode(mode, np.packbits(mask, bitorder="little"), k)
-    gaps = support_gaps(support)
+    if mode is IndexMode.FULL:
+        return SupportCode(mode, np.zeros(0, dtype=np.uint8), k)
     if mode is IndexMode.VARINT:
-        return SupportCode(mode, varint_encode_array(gaps), k)
+        return SupportCode(mode, varint_encode_array(support_gaps(support)), k)
+    coded = _complement(support, n) if mode is IndexMode.COMPLEMENT else support
+    gaps = support_gaps(coded)
     r = choice.rice_param
     unary_bytes, _ = _rice_size(gaps, r)
     bits = np.zeros(8 * unary_bytes, dtype=np.bool_)
@@ -179,6 +225,15 @@ def decode_support(mode: int, data: U8, n: int) -> I64:
         return _gaps_to_support(varint_decode_array(data), n)
     if mode == IndexMode.RICE:
         return _gaps_to_support(_rice_gaps(data), n)
+    if mode == IndexMode.COMPLEMENT:
+        left_out = _gaps_to_support(_rice_gaps(data), n)
+        if left_out.size == n:
+            raise DecodeError("complement support is empty (should have been coded as empty)")
+        return _complement(left_out, n)
+    if mode == IndexMode.FULL:
+        if data.size or n == 0:
+            raise DecodeError("full support with index bytes or of an empty tensor")
+        return np.arange(n, dtype=np.int64)
     raise DecodeError(f"unknown index mode {mode}")
 
 

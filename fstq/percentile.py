@@ -14,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fstq.ladder import HIST_BINS, KEY_SHIFT
-from fstq.sparse_codec import SparsePlan, plan
+from fstq.sparse_plan import Coding, PayloadPlan, make_plans
 
 __all__ = ["percentile_levels", "percentile_plans"]
 
@@ -23,13 +23,18 @@ U8 = npt.NDArray[np.uint8]
 
 
 def percentile_plans(
-    xs: Sequence[F32], weights: Sequence[F32 | None], percentiles: tuple[float, float, float]
-) -> list[SparsePlan]:
-    """Section plans of the paper's bands on ``u = w * x**2`` (see :func:`percentile_levels`)."""
+    xs: Sequence[F32],
+    weights: Sequence[F32 | None],
+    percentiles: tuple[float, float, float],
+    coding: Coding,
+) -> PayloadPlan:
+    """Section plans of the paper's bands on ``u = w * x**2`` (see :func:`percentile_levels`);
+    INT scales are the absmax of each band's coordinates."""
     importance = [
         np.square(x) if w is None else np.square(x) * w for x, w in zip(xs, weights, strict=True)
     ]
-    return [plan(lv, tagged=True) for lv in percentile_levels(importance, percentiles)]
+    levels = percentile_levels(importance, percentiles)
+    return make_plans(levels, coding, tagged=True, xs=list(xs))
 
 
 def percentile_levels(

@@ -21,7 +21,7 @@ import numpy.typing as npt
 
 from fstq.container import DecodeLimits, Method, open_payload
 from fstq.qsgd import parse_qsgd_section, read_qsgd_params
-from fstq.sparse_codec import parse_section
+from fstq.sparse_codec import parse_sections
 
 __all__ = ["StreamEntropy", "payload_entropy"]
 
@@ -63,14 +63,15 @@ def payload_entropy(payload: bytes, limits: DecodeLimits = DecodeLimits()) -> St
         width = 4 if method is Method.DENSE_FP32 else 2
         bits[2] = 8.0 * width * sum(s.numel for s in specs)
         return StreamEntropy(*(b / 8 for b in bits))
-    qsgd = read_qsgd_params(reader, limits.max_bucket_size) if method is Method.QSGD else None
-    for spec in specs:
-        if qsgd is not None:
+    if method is Method.QSGD:
+        qsgd = read_qsgd_params(reader, limits.max_bucket_size)
+        for spec in specs:
             norms, codes = parse_qsgd_section(reader, spec.numel, *qsgd, spec.name)
             bits[2] += _symbols_bits(codes)
             bits[3] += 32.0 * norms.size
-            continue
-        sec = parse_section(reader, spec.numel, tagged=method is Method.FSTQ, name=spec.name)
+        reader.expect_end()
+        return StreamEntropy(*(b / 8 for b in bits))
+    for sec in parse_sections(reader, specs, tagged=method is Method.FSTQ):
         bits[0] += _bernoulli_bits(int(sec.support.size), sec.n)
         bits[2] += 16.0 * sec.fp16.size + _symbols_bits(sec.int2) + _symbols_bits(sec.int4)
         if sec.tags is not None:

@@ -22,6 +22,19 @@ if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ] \
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq mosquitto mosquitto-clients openssl >/dev/null
 fi
 
+# The clustered brokers of the broker matrix (tests/clusters, `fedfstq bench brokers`): ejabberd
+# (MQTT 5, mod_mqtt, Erlang clustering) and nats-server (JetStream, MQTT 3.1.1). The tests start
+# private nodes on free loopback ports and never use a system service. Best effort: without
+# them those tests skip with the reason.
+have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; }
+if ! have ejabberdctl || ! have nats-server; then
+    echo "setup: installing ejabberd and nats-server via apt (broker matrix tests)"
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
+    { $SUDO apt-get update -qq \
+        && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq ejabberd nats-server >/dev/null; } \
+        || echo "setup: ejabberd/nats-server not installed; the broker cluster tests will skip"
+fi
+
 # nftables gives the packet-loss fault run (tests/faults, network namespaces, root only);
 # best effort: without it that run skips.
 if [ "$(id -u)" -eq 0 ] && ! command -v nft >/dev/null 2>&1; then

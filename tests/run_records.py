@@ -46,9 +46,16 @@ def fleet_round(
     clients: Sequence[DeviceRound] = (),
     resent: int = 0,
     downlink: int = 0,
+    time_with_downlink_s: float | None = None,
+    legacy: bool = False,
 ) -> FleetRound:
-    """Round ``number``; round 0 (the initial adapter) costs nothing, whatever it is given."""
+    """Round ``number``; round 0 (the initial adapter) costs nothing, whatever it is given.
+
+    Its time with the downlink is ``time_with_downlink_s`` (default: ``time_s``); ``legacy``
+    leaves it out, as records before the downlink accounting did.
+    """
     trained = number > 0
+    with_downlink = time_s if time_with_downlink_s is None else time_with_downlink_s
     return FleetRound(
         round=number,
         status="closed" if trained else "initial",
@@ -65,6 +72,7 @@ def fleet_round(
         clients=tuple(clients),
         server_s=0.1 if trained else 0.0,
         round_time_s=time_s if trained else 0.0,
+        round_time_with_downlink_s=None if legacy else with_downlink if trained else 0.0,
         eval=evaluation,
     )
 

@@ -83,6 +83,8 @@ def parse_default(cell: str) -> Any:
         return REQUIRED
     if cell == "none" or cell.startswith("none ("):  # "none (= what None means)"
         return None
+    if cell == "empty":  # an empty list
+        return ()
     if cell in ("true", "false"):
         return cell == "true"
     codes = CODE.findall(cell)
@@ -158,7 +160,7 @@ def test_the_aggregators_mqtt_table_is_the_one_the_agent_readme_documents() -> N
 
 # -- deploy/config examples ----------------------------------------------------------------------
 
-SETTING = re.compile(r"^(# )?([a-z_]+) = (.+)$")
+SETTING = re.compile(r"^(# )?([a-z_][a-z0-9_]*) = (.+)$")
 
 
 def example_settings(path: Path) -> dict[str, tuple[bool, Any]]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import importlib.util
 import logging
+import threading
 from collections.abc import Mapping
 from dataclasses import astuple, dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ __all__ = [
     "TinySpec",
     "base_model_reference",
     "default_cache_dir",
+    "initial_adapter_state",
     "load_base_model",
     "load_tokenizer",
     "make_peft_model",
@@ -47,6 +49,10 @@ _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: base, so ``AutoPeftModelForCausalLM.from_pretrained(adapter_dir)`` finds it on the Hub.
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _SMOLLM2_CACHE = "smollm2-135m-instruct"
+#: Held from seeding torch's global generator to the last draw from it: what is built from a
+#: seed (the tiny model, a LoRA adapter) must come out the same when several are built at once
+#: in threads of one process (the evaluation's fleet, the end-to-end tests).
+_SEEDED = threading.RLock()
 
 
 class ModelLoadError(RuntimeError):
@@ -242,8 +248,9 @@ def _tiny_model(tokenizer: Any, spec: TinySpec) -> torch.nn.Module:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    torch.manual_seed(spec.seed)
-    model: torch.nn.Module = LlamaForCausalLM(cfg)
+    with _SEEDED:
+        torch.manual_seed(spec.seed)
+        model: torch.nn.Module = LlamaForCausalLM(cfg)
     return model
 
 
@@ -275,16 +282,47 @@ def base_model_reference(
     return str(target.resolve())
 
 
-def make_peft_model(base: torch.nn.Module, spec: LoraSpec, seed: int = 0) -> Any:
-    """Wrap `base` with a fresh LoRA adapter; the same seed gives the same initial adapter."""
-    from peft import LoraConfig, get_peft_model
+def _lora_config(spec: LoraSpec) -> Any:
+    from peft import LoraConfig
 
-    cfg = LoraConfig(
+    return LoraConfig(
         r=spec.r,
         lora_alpha=spec.alpha,
         lora_dropout=spec.dropout,
         target_modules=list(spec.target_modules),
         task_type="CAUSAL_LM",
     )
-    torch.manual_seed(seed)
-    return get_peft_model(base, cfg)
+
+
+def make_peft_model(base: torch.nn.Module, spec: LoraSpec, seed: int = 0) -> Any:
+    """Wrap `base` with a fresh LoRA adapter; the same seed gives the same initial adapter."""
+    from peft import get_peft_model
+
+    with _SEEDED:
+        torch.manual_seed(seed)
+        return get_peft_model(base, _lora_config(spec))
+
+
+_DERIVED = "fedfstq_initial"
+
+
+def initial_adapter_state(peft_model: Any, spec: LoraSpec, seed: int) -> dict[str, torch.Tensor]:
+    """The adapter :func:`make_peft_model` would create with ``seed``, derived from a model that
+    already carries an adapter (fp32, keyed like ``get_peft_model_state_dict``).
+
+    peft adds a second adapter the way ``get_peft_model`` creates the first (the same layers
+    drawn in the same order), so a device derives the initial global adapter instead of
+    downloading it; the caller checks the result against the announced hash, which is what
+    makes this safe on another peft version or platform. The model's own adapter is untouched
+    and stays active, and the global torch RNG is left as it was.
+    """
+    from fstq.adapter_state import get_adapter_state
+
+    with _SEEDED, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        peft_model.add_adapter(_DERIVED, _lora_config(spec))
+    try:
+        state = get_adapter_state(peft_model, _DERIVED)
+    finally:
+        peft_model.delete_adapter(_DERIVED)
+    return {name: t.to(torch.float32) for name, t in state.items()}

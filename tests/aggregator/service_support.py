@@ -19,13 +19,16 @@ import torch
 from aggregator.adapter_model import ModelLoader
 from aggregator.service import Aggregator
 from aggregator.settings import AggregatorSettings
-from broker.chunking import upload_messages
+from broker.chunking import bitmap_from_indices, upload_messages
 from broker.codec import decode, encode
 from broker.local import LocalBroker
 from broker.messages import (
     AckStatus,
     ClientState,
     ClientStatus,
+    DownlinkPlan,
+    FetchRequest,
+    GlobalChunk,
     GlobalManifest,
     RoundAnnouncement,
     UploadAck,
@@ -35,7 +38,7 @@ from broker.messages import (
 )
 from broker.mqtt import MqttClient
 from broker.settings import MqttSettings
-from broker.topics import device_filters, status_topic, upload_topic
+from broker.topics import device_filters, fetch_topic, status_topic, upload_topic
 from broker.transport import Message
 from fstq.compressors import make_compressor
 from workload.adapters import load_peft_dir
@@ -193,6 +196,36 @@ class Device:
         )
         assert isinstance(msg, GlobalManifest)
         return msg
+
+    # -- the downlink ------------------------------------------------------------------------
+
+    def fetch_plan(self, version: int, held: bytes | None = None) -> DownlinkPlan:
+        """Ask how to get ``version`` holding ``held``; the plan that answers."""
+        self.seen = [(t, m) for t, m in self.seen if not isinstance(m, DownlinkPlan)]
+        request = FetchRequest(version=version, held=held)
+        self.send(fetch_topic(self.fleet, self.name), encode(request))
+        msg = self.wait_for(lambda _, m: isinstance(m, DownlinkPlan) and m.version == version)
+        assert isinstance(msg, DownlinkPlan)
+        return msg
+
+    def fetch_chunks(
+        self, plan: DownlinkPlan, indices: list[int] | None = None, held: bytes | None = None
+    ) -> list[GlobalChunk]:
+        """Ask for ``plan``'s chunks (all if ``indices`` is None) and collect them."""
+        wanted = b"" if indices is None else bitmap_from_indices(indices, plan.chunk_count)
+        self.seen = [(t, m) for t, m in self.seen if not isinstance(m, GlobalChunk)]
+        request = FetchRequest(version=plan.version, held=held, plan=plan.plan, wanted=wanted)
+        self.send(fetch_topic(self.fleet, self.name), encode(request))
+        n = plan.chunk_count if indices is None else len(indices)
+        got: list[GlobalChunk] = []
+        while len(got) < n:
+            msg = self.wait_for(
+                lambda _, m: isinstance(m, GlobalChunk) and m.plan == plan.plan
+                and all(m.index != g.index for g in got)
+            )  # fmt: skip
+            assert isinstance(msg, GlobalChunk)
+            got.append(msg)
+        return got
 
 
 def random_delta(template: Mapping[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:

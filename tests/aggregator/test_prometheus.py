@@ -16,10 +16,8 @@ from aggregator.metrics import RoundMetrics
 from aggregator.prometheus import NAMESPACE, ServiceMetrics
 from aggregator.service import Aggregator
 from aggregator.settings import AggregatorSettings
-from broker.codec import encode
 from broker.local import free_port
-from broker.messages import AckStatus, FetchRequest, GlobalChunk
-from broker.topics import fetch_topic
+from broker.messages import AckStatus
 
 pytestmark = pytest.mark.broker
 
@@ -95,14 +93,7 @@ def test_metrics_endpoint_counts_a_round_as_it_happens(
         d1.announcement(2)  # both stay live, so round 2 opens right away
         after = _until(agg, lambda s: _get(s, "rounds_opened_total") == 2)
         # d2 fetches the new global: the downlink split adds up to the round's downlink bytes.
-        fetch = FetchRequest(version=1, wanted=b"")
-        d2.send(fetch_topic(d2.fleet, d2.name), encode(fetch))
-        count = d2.global_manifest(1).chunk_count
-        got = {m.index: len(m.data) for _, m in d2.seen if isinstance(m, GlobalChunk)}
-        while len(got) < count:
-            m = d2.wait_for(lambda _, m: isinstance(m, GlobalChunk) and m.index not in got)
-            assert isinstance(m, GlobalChunk)
-            got[m.index] = len(m.data)
+        got = {m.index: len(m.data) for m in d2.fetch_chunks(d2.fetch_plan(1))}
         down = _until(agg, lambda s: _get(s, "downlink_sent_bytes_total", kind="payload") > 0)
         down_wire = agg.rounds.metrics.downlink_wire_bytes
         assert _get(down, "downlink_sent_bytes_total", kind="payload") == sum(got.values())

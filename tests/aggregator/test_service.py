@@ -33,10 +33,9 @@ from aggregator.adapter_model import ModelLoader
 from aggregator.fedavg import apply_delta, fedavg
 from aggregator.settings import AggregatorSettings
 from aggregator.store import AggregatorStore
-from broker.chunking import Download, bitmap_from_indices
+from broker.chunking import Download
 from broker.codec import encode
-from broker.messages import AckStatus, FetchRequest, GlobalChunk, UploadManifest
-from broker.topics import fetch_topic
+from broker.messages import AckStatus, DownlinkPlan, DownlinkRoute, GlobalChunk, UploadManifest
 from fstq.compressors import decompress
 from workload.adapters import adapter_from_bytes
 
@@ -64,20 +63,14 @@ def _assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: 
         torch.testing.assert_close(a[k].float(), b[k].float(), atol=atol, rtol=0)
 
 
-def _fetch(dev: Device, version: int, indices: list[int] | None, count: int) -> list[GlobalChunk]:
-    """Ask for chunks of ``version`` (all if ``indices`` is None) and collect ``count`` of them."""
-    wanted = b"" if indices is None else bitmap_from_indices(indices, count)
-    dev.seen = [(t, m) for t, m in dev.seen if not isinstance(m, GlobalChunk)]
-    dev.send(fetch_topic(dev.fleet, dev.name), encode(FetchRequest(version=version, wanted=wanted)))
-    n = count if indices is None else len(indices)
-    got: list[GlobalChunk] = []
-    while len(got) < n:
-        msg = dev.wait_for(
-            lambda _, m: isinstance(m, GlobalChunk) and all(m.index != g.index for g in got)
-        )
-        assert isinstance(msg, GlobalChunk)
-        got.append(msg)
-    return got
+def _fetch(
+    dev: Device, version: int, indices: list[int] | None
+) -> tuple[DownlinkPlan, list[GlobalChunk]]:
+    """The full plan of ``version`` (the device holds nothing) and its chunks (all if
+    ``indices`` is None)."""
+    plan = dev.fetch_plan(version)
+    assert plan.route is DownlinkRoute.FULL
+    return plan, dev.fetch_chunks(plan, indices)
 
 
 def test_full_round_closes_early_and_publishes_the_fedavg_global(
@@ -110,8 +103,8 @@ def test_full_round_closes_early_and_publishes_the_fedavg_global(
         manifest1 = fleet[0].global_manifest(1)
         round_wall_s = time.perf_counter() - started
         # Fetch: everything, then only the chunks a device says it misses.
-        everything = _fetch(fleet[1], 1, None, manifest1.chunk_count)
-        some = _fetch(fleet[2], 1, [0, manifest1.chunk_count - 1], manifest1.chunk_count)
+        plan1, everything = _fetch(fleet[1], 1, None)
+        _, some = _fetch(fleet[2], 1, [0, manifest1.chunk_count - 1])
         time.sleep(0.3)  # nothing beyond the two asked for may arrive
         extra = [m for m in fleet[2].client.messages(0.2)]
     # Assert: the peft directory is old + FedAvg (weights = sample counts) ...
@@ -125,7 +118,8 @@ def test_full_round_closes_early_and_publishes_the_fedavg_global(
     auto = AutoPeftModelForCausalLM.from_pretrained(str(settings.global_dir(1)))
     _assert_close(get_peft_model_state_dict(auto), expected, atol=1e-6)
     # ... the downlink carries it as fp16 ...
-    download = Download(manifest1)
+    assert plan1.result == plan1.sha256 == manifest1.sha256
+    download = Download(plan1, held=None)
     for c in everything:
         download.add(c)
     _assert_close(adapter_from_bytes(download.payload()), expected, atol=1e-3)
@@ -178,7 +172,7 @@ def test_bad_input_is_rejected_counted_and_logged_without_poisoning_the_sum(
 
         # Undecodable bytes cannot be answered (no upload id): counted and logged.
         good1.send(topic, b"\xc1 not msgpack")
-        good1.send(topic, msgpack.packb({"v": 2, "kind": "up.manifest"}))
+        good1.send(topic, msgpack.packb({"v": 99, "kind": "up.manifest"}))
         _eventually(lambda: agg.counters["malformed"] == 1 and agg.counters["bad_version"] == 1)
 
         # A manifest declaring more than the inbox allows: refused before allocation.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import subprocess
 import time
@@ -13,12 +14,11 @@ import pytest
 import torch
 
 from aggregator.cli import add_arguments, check_health, load_settings, main, serve
-from aggregator.global_adapter import GlobalAdapter, LoraMismatchError
+from aggregator.global_adapter import GlobalAdapter, InitialAdapter, LoraMismatchError
 from aggregator.metrics import RoundMetrics, append_jsonl, received_wire_bytes
 from aggregator.round_result import ClientUpload, HeldOutEval, read_rounds
 from aggregator.settings import AggregatorSettings
 from aggregator.store import AggregatorStore
-from broker.chunking import Download
 from broker.local import LocalBroker, free_port
 from broker.transport import Message
 from common.exit_codes import ExitCode
@@ -278,12 +278,17 @@ def _state() -> dict[str, torch.Tensor]:
 def test_global_adapter_round_trips_and_refuses_other_lora_settings(tmp_path: Path) -> None:
     spec = LoraSpec(r=2, alpha=4, target_modules=("q_proj",))
     g = GlobalAdapter.build(3, 7, _state(), spec=spec, base_model="tiny", chunk_size=32)
-    assert g.manifest.format == "safetensors-fp16" and g.manifest.chunk_count == len(g.chunks) > 1
-    download = Download(g.manifest)
-    for c in g.chunks:
-        download.add(c)
-    fp16 = adapter_from_bytes(download.payload())
+    assert g.manifest.format == "safetensors-fp16" and g.manifest.chunk_count > 1
+    assert hashlib.sha256(g.payload).digest() == g.manifest.sha256
+    assert len(g.payload) == g.manifest.total_size and "v0_sha256" not in g.manifest.metadata
+    fp16 = adapter_from_bytes(g.payload)
     assert all(torch.allclose(fp16[k], v, atol=1e-3) for k, v in _state().items())
+    derived = GlobalAdapter.build(
+        3, 7, _state(), spec=spec, base_model="tiny", chunk_size=32,
+        initial=InitialAdapter(5, "ab" * 32),
+    )  # fmt: skip
+    assert derived.manifest.metadata["init_seed"] == 5
+    assert derived.manifest.metadata["v0_sha256"] == "ab" * 32
     g.save(tmp_path / "v3", spec, "tiny")
     again = GlobalAdapter.load(tmp_path / "v3", 3, 7, spec=spec, base_model="tiny", chunk_size=32)
     assert again.manifest == g.manifest  # bit-identical downlink after a restart

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -19,8 +20,12 @@ _counter = itertools.count()
 
 @pytest.fixture
 def fleet(request: pytest.FixtureRequest) -> str:
-    """A fleet id unique to the test, so topics and retained messages never collide."""
-    return f"t{next(_counter)}-{request.node.name[:40].replace('[', '.').replace(']', '')}"[:64]
+    """A fleet id unique to the test, so topics and retained messages never collide.
+
+    Letters, digits, ``-`` and ``_`` only: NATS's MQTT gateway refuses ``.`` in topic levels.
+    """
+    name = re.sub(r"[^A-Za-z0-9_-]", "-", request.node.name[:40])
+    return f"t{next(_counter)}-{name}"[:64]
 
 
 def _make_settings(broker: LocalBroker, client_id: str, **changes: Any) -> MqttSettings:

@@ -20,7 +20,15 @@ from broker.errors import (
     StaleVersionError,
     TransferError,
 )
-from broker.messages import AckStatus, FetchRequest, UploadAck, bitmap_len
+from broker.messages import (
+    AckStatus,
+    DownlinkPlan,
+    DownlinkRoute,
+    FetchRequest,
+    GlobalChunk,
+    UploadAck,
+    bitmap_len,
+)
 
 payloads = st.binary(max_size=3000)
 chunk_sizes = st.integers(min_value=1, max_value=700)
@@ -243,15 +251,35 @@ def test_upload_messages_and_resend_of_missing_only() -> None:
     assert c.chunks_missing(chunks, unknown) == list(chunks)
 
 
+PLAN, HELD = hashlib.sha256(b"plan").digest(), hashlib.sha256(b"held").digest()
+
+
+def _full_plan(
+    payload: bytes, chunk_size: int = 128
+) -> tuple[DownlinkPlan, tuple[GlobalChunk, ...]]:
+    result = hashlib.sha256(payload).digest()
+    return c.plan_messages(
+        payload, version=5, route=DownlinkRoute.FULL, plan=PLAN, base=None, result=result,
+        chunk_size=chunk_size,
+    )  # fmt: skip
+
+
+def test_global_manifest_describes_the_full_payload() -> None:
+    payload = b"global-adapter" * 100
+    manifest = c.global_manifest(payload, version=5, round_id=4, format="f", chunk_size=128)
+    plan, chunks = _full_plan(payload)
+    assert manifest.sha256 == plan.sha256 == plan.result == hashlib.sha256(payload).digest()
+    assert (manifest.total_size, manifest.chunk_count) == (len(payload), len(chunks))
+
+
 def test_downlink_fetch_by_bitmap() -> None:
     # Arrange: aggregator side
     payload = b"global-adapter" * 100
-    manifest, chunks = c.global_messages(
-        payload, version=5, round_id=5, format="safetensors-fp16", chunk_size=128
-    )
+    manifest, chunks = _full_plan(payload)
     # device side: nothing yet, ask for the first 4 missing
-    download = c.Download(manifest)
+    download = c.Download(manifest, held=HELD)
     request = download.fetch_request(max_chunks=4)
+    assert (request.held, request.plan, request.version) == (HELD, PLAN, 5)
     # Act
     answer = c.chunks_for_fetch(manifest, chunks, request)
     for ch in answer:
@@ -266,20 +294,45 @@ def test_downlink_fetch_by_bitmap() -> None:
         download.add(ch)
     assert download.complete and download.payload() == payload
     assert c.chunks_for_fetch(manifest, chunks, download.fetch_request()) == []
-    everything = c.chunks_for_fetch(manifest, chunks, FetchRequest(version=5, wanted=b""))
+    everything = c.chunks_for_fetch(manifest, chunks, FetchRequest(version=5, plan=PLAN))
     assert len(everything) == manifest.chunk_count
     assert (
-        len(c.chunks_for_fetch(manifest, chunks, FetchRequest(version=5, wanted=b""), max_chunks=2))
+        len(c.chunks_for_fetch(manifest, chunks, FetchRequest(version=5, plan=PLAN), max_chunks=2))
         == 2
     )
 
 
-def test_downlink_rejects_other_versions() -> None:
-    manifest, chunks = c.global_messages(b"x" * 10, version=5, round_id=5, format="f")
+def test_downlink_rejects_other_versions_and_plans() -> None:
+    manifest, chunks = _full_plan(b"x" * 10)
     with pytest.raises(StaleVersionError) as info:
-        c.chunks_for_fetch(manifest, chunks, FetchRequest(version=4, wanted=b""))
+        c.chunks_for_fetch(manifest, chunks, FetchRequest(version=4, plan=PLAN))
     assert info.value.reason == "stale_version"
+    with pytest.raises(StaleVersionError):  # a chunk request of another plan, or of none
+        c.chunks_for_fetch(manifest, chunks, FetchRequest(version=5, plan=HELD))
     with pytest.raises(StaleVersionError):
-        c.Download(manifest).add(chunks[0].model_copy(update={"version": 6}))
+        c.chunks_for_fetch(manifest, chunks, FetchRequest(version=5))
+    with pytest.raises(StaleVersionError):
+        c.Download(manifest, held=None).add(chunks[0].model_copy(update={"version": 6}))
+    with pytest.raises(StaleVersionError):  # the chunk of another plan never mixes in
+        c.Download(manifest, held=None).add(chunks[0].model_copy(update={"plan": HELD}))
     with pytest.raises(BitmapError):
-        c.chunks_for_fetch(manifest, chunks, FetchRequest(version=5, wanted=b"\x01\x00"))
+        c.chunks_for_fetch(manifest, chunks, FetchRequest(version=5, plan=PLAN, wanted=b"\x01\x00"))
+
+
+@pytest.mark.parametrize(
+    ("route", "base", "result", "size", "why"),
+    [
+        (DownlinkRoute.FULL, HELD, PLAN, 10, "full plan has no base"),
+        (DownlinkRoute.CATCHUP, None, PLAN, 10, "full plan has no base"),
+        (DownlinkRoute.NONE, HELD, PLAN, 0, "none plan keeps its base"),
+        (DownlinkRoute.NONE, HELD, HELD, 10, "none plan keeps its base"),
+    ],
+)
+def test_inconsistent_plans_are_refused(
+    route: DownlinkRoute, base: bytes | None, result: bytes, size: int, why: str
+) -> None:
+    with pytest.raises(ValueError, match=why):
+        DownlinkPlan(
+            version=1, route=route, plan=PLAN, base=base, result=result, total_size=size,
+            chunk_count=1, chunk_size=64, sha256=PLAN,
+        )  # fmt: skip

@@ -87,6 +87,26 @@ def global_manifests(draw: st.DrawFn) -> m.GlobalManifest:
 
 
 @st.composite
+def downlink_plans(draw: st.DrawFn) -> m.DownlinkPlan:
+    route = draw(st.sampled_from(m.DownlinkRoute))
+    result = draw(sha)
+    base = {"full": None, "none": result}.get(route.value, draw(sha))
+    fields = draw(transfer_fields())
+    del fields["sha256"]
+    if route is m.DownlinkRoute.NONE:
+        fields = {"total_size": 0, "chunk_count": 1, "chunk_size": fields["chunk_size"]}
+    return m.DownlinkPlan(
+        version=draw(u63),
+        route=route,
+        plan=draw(sha),
+        base=base,
+        result=result,
+        sha256=result if route is m.DownlinkRoute.FULL else draw(sha),
+        **fields,
+    )
+
+
+@st.composite
 def upload_acks(draw: st.DrawFn) -> m.UploadAck:
     count = draw(st.integers(0, 200))
     have = b""
@@ -142,10 +162,18 @@ messages_strategy = st.one_of(
         crc32=crc,
         data=st.binary(max_size=2048),
     ),
-    st.builds(m.FetchRequest, version=u63, wanted=st.binary(max_size=64)),
+    st.builds(
+        m.FetchRequest,
+        version=u63,
+        held=st.none() | sha,
+        plan=st.none() | sha,
+        wanted=st.binary(max_size=64),
+    ),
+    downlink_plans(),
     st.builds(
         m.GlobalChunk,
         version=u63,
+        plan=sha,
         index=st.integers(0, m.MAX_CHUNKS - 1),
         crc32=crc,
         data=st.binary(max_size=2048),
@@ -183,6 +211,7 @@ def test_registry_covers_every_message_kind() -> None:
         "up.ack",
         "global.manifest",
         "fetch",
+        "down.plan",
         "global.chunk",
         "status",
         "progress",
@@ -197,13 +226,13 @@ def test_envelope_layout_and_bytes_are_msgpack_bin() -> None:
     raw = msgpack.unpackb(encode(chunk), raw=True)
     # Assert
     assert list(raw)[:2] == [b"v", b"kind"]
-    assert raw[b"v"] == 1 and raw[b"kind"] == b"up.chunk"
+    assert raw[b"v"] == m.PROTOCOL_VERSION == 2 and raw[b"kind"] == b"up.chunk"
     assert raw[b"data"] == b"\x00\xff"  # bin, not str
 
 
 def _chunk_body(**changes: Any) -> dict[str, Any]:
     body: dict[str, Any] = {
-        "v": 1,
+        "v": m.PROTOCOL_VERSION,
         "kind": "up.chunk",
         "upload_id": "u1",
         "round": 3,
@@ -247,7 +276,7 @@ def test_truncated_messages_are_rejected(msg: m.WireMessage, cut: int) -> None:
         decode(truncated)
 
 
-@pytest.mark.parametrize("version", [0, 2, 99, -1])
+@pytest.mark.parametrize("version", [0, 1, 3, 99, -1])
 def test_other_versions_raise_version_error(version: int) -> None:
     with pytest.raises(VersionError) as info:
         decode(_pack(_chunk_body(v=version)))
@@ -302,7 +331,7 @@ def test_malformed_fields_are_rejected(changes: dict[str, Any]) -> None:
 
 def _manifest_body(**changes: Any) -> dict[str, Any]:
     body: dict[str, Any] = {
-        "v": 1,
+        "v": m.PROTOCOL_VERSION,
         "kind": "up.manifest",
         "upload_id": "u1",
         "round": 3,
@@ -344,7 +373,7 @@ def test_oversized_or_inconsistent_manifests_are_rejected(changes: dict[str, Any
 
 def test_ack_bitmap_must_fit_chunk_count() -> None:
     body = {
-        "v": 1,
+        "v": m.PROTOCOL_VERSION,
         "kind": "up.ack",
         "upload_id": "u",
         "round": 1,
@@ -380,7 +409,7 @@ def test_round_announcement_consistency_is_checked() -> None:
         with pytest.raises(ValueError, match="validation error"):
             m.RoundAnnouncement(**{**base, **bad})
     with pytest.raises(DecodeError):  # NaN deadline
-        decode(_pack({"v": 1, "kind": "round", **base, "deadline": float("nan")}))
+        decode(_pack({"v": m.PROTOCOL_VERSION, "kind": "round", **base, "deadline": float("nan")}))
 
 
 def test_round_progress_consistency_is_checked() -> None:
@@ -399,10 +428,10 @@ def test_round_progress_consistency_is_checked() -> None:
         "downlink_wire_bytes": 20,
         "timestamp": 1.5,
     }
-    assert decode(_pack({"v": 1, "kind": "progress", **base})).arrived == ("b",)
+    assert decode(_pack({"v": m.PROTOCOL_VERSION, "kind": "progress", **base})).arrived == ("b",)
     for bad in ({"arrived": ("z",)}, {"arrived": ("a", "a")}, {"phase": "ajar"}):
         with pytest.raises(DecodeError):
-            decode(_pack({"v": 1, "kind": "progress", **base, **bad}))
+            decode(_pack({"v": m.PROTOCOL_VERSION, "kind": "progress", **base, **bad}))
 
 
 @pytest.mark.parametrize(

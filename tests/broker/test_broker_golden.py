@@ -18,6 +18,8 @@ from broker.codec import decode, encode
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 SHA = hashlib.sha256(b"fedfstq").digest()
+HELD = hashlib.sha256(b"held").digest()
+PLAN = hashlib.sha256(b"plan").digest()
 
 SAMPLES: dict[str, m.WireMessage] = {
     "round": m.RoundAnnouncement(
@@ -72,8 +74,19 @@ SAMPLES: dict[str, m.WireMessage] = {
         format="safetensors-fp16",
         metadata={"base_model": "SmolLM2-135M-Instruct"},
     ),
-    "fetch": m.FetchRequest(version=7, wanted=b"\x7e"),
-    "global.chunk": m.GlobalChunk(version=7, index=0, crc32=12345, data=b"\x00" * 64),
+    "fetch": m.FetchRequest(version=7, held=HELD, plan=PLAN, wanted=b"\x7e"),
+    "down.plan": m.DownlinkPlan(
+        version=7,
+        route=m.DownlinkRoute.CATCHUP,
+        plan=PLAN,
+        base=HELD,
+        result=SHA,
+        total_size=120000,
+        chunk_count=1,
+        chunk_size=262144,
+        sha256=SHA,
+    ),
+    "global.chunk": m.GlobalChunk(version=7, plan=PLAN, index=0, crc32=12345, data=b"\x00" * 64),
     "status": m.ClientStatus(
         client="dev-01",
         state=m.ClientState.OFFLINE,

@@ -17,13 +17,16 @@ from broker.chunking import (
     Download,
     chunks_for_fetch,
     chunks_missing,
-    global_messages,
+    global_manifest,
+    plan_messages,
     upload_messages,
 )
 from broker.codec import decode, encode, peek_kind
 from broker.inbox import Inbox, UploadKey, check_origin
 from broker.messages import (
     AckStatus,
+    DownlinkPlan,
+    DownlinkRoute,
     FetchRequest,
     GlobalChunk,
     GlobalManifest,
@@ -109,14 +112,25 @@ def test_global_adapter_download_by_fetch_bitmap(clients: ClientFactory, fleet: 
     agg = clients("agg-" + fleet)
     agg.subscribe(topics.fetch_filter(fleet))
     adapter = random.Random(1).randbytes(300_000)
-    manifest, chunks = global_messages(
+    manifest = global_manifest(
         adapter, version=5, round_id=5, format="safetensors-fp16", chunk_size=32 * 1024
     )
+    plan, chunks = plan_messages(
+        adapter, version=5, route=DownlinkRoute.FULL, plan=bytes(32), base=None,
+        result=manifest.sha256, chunk_size=32 * 1024,
+    )  # fmt: skip
     agg.publish_wait(topics.global_manifest_topic(fleet), encode(manifest), retain=True)
     dev = clients("dev-" + fleet)
     dev.subscribe(topics.global_manifest_topic(fleet))
     dev.subscribe(topics.down_topic(fleet, "d1"))
-    download = Download(decode(_next(dev), expect=GlobalManifest))
+    announced = decode(_next(dev), expect=GlobalManifest)
+    # The device asks how to get it (holding nothing); the answer is the full plan.
+    dev.publish_wait(topics.fetch_topic(fleet, "d1"), encode(FetchRequest(version=5)))
+    asked = agg.receive(10)
+    assert asked is not None and decode(asked.payload, expect=FetchRequest).plan is None
+    agg.publish(topics.down_topic(fleet, "d1"), encode(plan), expiry_s=600).wait(10)
+    download = Download(decode(_next(dev), expect=DownlinkPlan), held=None)
+    assert download.plan.result == announced.sha256
 
     # Act: fetch in windows of 4 chunks, AWS-style, until complete
     rounds = 0
@@ -129,7 +143,7 @@ def test_global_adapter_download_by_fetch_bitmap(clients: ClientFactory, fleet: 
         assert fetch is not None
         client = fetch.client
         request = decode(req_msg.payload, expect=FetchRequest)
-        answer = chunks_for_fetch(manifest, chunks, request)
+        answer = chunks_for_fetch(plan, chunks, request)
         for ch in answer:
             agg.publish(topics.down_topic(fleet, client), encode(ch), expiry_s=600).wait(10)
         for _ in answer:

@@ -20,6 +20,7 @@ import yaml
 
 from aggregator.settings import (
     AggregatorSettings,
+    DownlinkSettings,
     EvalSettings,
     InboxSettings,
     LoraSettings,
@@ -82,11 +83,11 @@ def test_compose_starts_mosquitto_with_the_prod_config_and_the_aggregator() -> N
 
 def test_the_aggregator_example_config_works_with_the_compose_file() -> None:
     text = AGG_EXAMPLE.read_text()
-    mentioned = set(re.findall(r"^#? ?([a-z_]+) = ", text, flags=re.MULTILINE))
+    mentioned = set(re.findall(r"^#? ?([a-z0-9_]+) = ", text, flags=re.MULTILINE))
     fields = set().union(*(set(m.model_fields) for m in (
         AggregatorSettings, MqttSettings, TlsSettings, LoraSettings, RoundSettings,
-        InboxSettings, EvalSettings,
-    ))) - {"mqtt", "tls", "lora", "rounds", "inbox", "eval"}  # fmt: skip
+        InboxSettings, EvalSettings, DownlinkSettings,
+    ))) - {"mqtt", "tls", "lora", "rounds", "inbox", "eval", "downlink"}  # fmt: skip
     assert fields <= mentioned, sorted(fields - mentioned)
     assert not mentioned - fields, sorted(mentioned - fields)
     data = tomllib.loads(text)
@@ -97,7 +98,7 @@ def test_the_aggregator_example_config_works_with_the_compose_file() -> None:
     assert settings.mqtt.tls is not None
     assert f"./certs/ca.crt:{settings.mqtt.tls.ca_file}:ro" in agg["volumes"]
     assert "./config/aggregator.toml:/etc/fedfstq/aggregator.toml:ro" in agg["volumes"]
-    uncommented = re.sub(r"^# ([a-z_]+ = )", r"\1", text, flags=re.MULTILINE)
+    uncommented = re.sub(r"^# ([a-z0-9_]+ = )", r"\1", text, flags=re.MULTILINE)
     full = tomllib.loads(uncommented)
     for key in ("mqtt_password_file",):
         full.pop(key)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from broker.chunking import chunks_for_fetch, global_messages
+from broker.chunking import chunks_for_fetch, global_manifest, plan_messages
 from broker.codec import decode, encode
 from broker.errors import UnknownUploadError
 from broker.inbox import Inbox, UploadKey
@@ -27,6 +27,8 @@ from broker.local import LocalBroker
 from broker.messages import (
     AckStatus,
     ClientStatus,
+    DownlinkPlan,
+    DownlinkRoute,
     FetchRequest,
     GlobalChunk,
     RoundAnnouncement,
@@ -47,6 +49,7 @@ from broker.topics import (
     parse_topic,
     round_topic,
 )
+from edge_agent.agent import EdgeAgent
 from edge_agent.settings import AgentSettings
 from fstq.training import get_adapter_state
 from workload.adapters import adapter_to_bytes
@@ -83,6 +86,25 @@ def global_adapter_bytes() -> bytes:
     return adapter_to_bytes(state, dtype=torch.float16)
 
 
+def run_agent(agent: EdgeAgent, stop: threading.Event | None = None, limit: float = 60) -> int:
+    """Run in this thread; a watchdog stops it (and fails the test) if it hangs."""
+    stop = stop or threading.Event()
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()
+        stop.set()
+
+    timer = threading.Timer(limit, expire)
+    timer.start()
+    try:
+        code = agent.run(stop)
+    finally:
+        timer.cancel()
+    assert not expired.is_set(), f"agent still running after {limit}s"
+    return code
+
+
 def agent_settings(
     broker: LocalBroker, fleet: str, client_id: str, tmp_path: Path, **changes: Any
 ) -> AgentSettings:
@@ -114,6 +136,18 @@ def agent_settings(
     return AgentSettings(**(base | changes))
 
 
+Served = tuple[DownlinkPlan, tuple[GlobalChunk, ...]]
+
+
+def full_plan(payload: bytes, version: int = 0) -> Served:
+    """The full-adapter plan of ``payload`` (its plan id: a hash of the payload)."""
+    sha = hashlib.sha256(payload).digest()
+    return plan_messages(
+        payload, version=version, route=DownlinkRoute.FULL, plan=hashlib.sha256(b"full" + sha)
+        .digest(), base=None, result=sha, chunk_size=GLOBAL_CHUNK,
+    )  # fmt: skip
+
+
 @dataclass
 class Faults:
     """What the fake aggregator does wrong (each at most once per index)."""
@@ -122,6 +156,11 @@ class Faults:
     drop_upload_chunks: set[int] = field(default_factory=set)
     unknown_first_manifest: bool = False
     reject_reason: str | None = None
+    #: Answers to the first plan requests, in order (then the full adapter's plan); each may be
+    #: preceded by messages sent on the device's downlink first (replays, foreign plans...).
+    plans: list[tuple[Served, tuple[DownlinkPlan | GlobalChunk, ...]]] = field(default_factory=list)
+    #: Sent on the device's downlink before the answer to the first chunk request.
+    before_chunks: list[DownlinkPlan | GlobalChunk] = field(default_factory=list)
 
 
 class FakeAggregator:
@@ -135,19 +174,7 @@ class FakeAggregator:
         )
         self.client = MqttClient(settings)
         self.inbox = Inbox()
-        self.manifest, self.chunks = global_messages(
-            global_adapter_bytes(),
-            version=0,
-            round_id=0,
-            format="safetensors-fp16",
-            chunk_size=GLOBAL_CHUNK,
-            metadata={
-                "lora_r": LORA.r,
-                "lora_alpha": LORA.alpha,
-                "lora_targets": ",".join(LORA.target_modules),
-                "base_model": "tiny",
-            },
-        )
+        self.publish_global(global_adapter_bytes(), version=0)
         # What it saw, in order (read by the tests).
         self.fetches: list[FetchRequest] = []
         self.manifests: list[UploadManifest] = []
@@ -159,6 +186,27 @@ class FakeAggregator:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fake-aggregator", daemon=True)
         self._unknown_sent = False
+
+    def publish_global(
+        self, payload: bytes, version: int, metadata: dict[str, str | int] | None = None
+    ) -> None:
+        """Make ``payload`` the global adapter ``version`` (retained once connected)."""
+        self.manifest = global_manifest(
+            payload,
+            version=version,
+            round_id=version,
+            format="safetensors-fp16",
+            chunk_size=GLOBAL_CHUNK,
+            metadata={
+                "lora_r": LORA.r,
+                "lora_alpha": LORA.alpha,
+                "lora_targets": ",".join(LORA.target_modules),
+                "base_model": "tiny",
+                **(metadata or {}),
+            },
+        )
+        self.full = full_plan(payload, version)
+        self.plans: dict[bytes, Served] = {self.full[0].plan: self.full}
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -178,6 +226,12 @@ class FakeAggregator:
         for topic in (round_topic(self.fleet), global_manifest_topic(self.fleet)):
             self.client.publish_wait(topic, b"", retain=True)  # leave no retained state
         self.client.close()
+
+    def republish(self) -> None:
+        """Publish the (new) global manifest, retained."""
+        self.client.publish_wait(
+            global_manifest_topic(self.fleet), encode(self.manifest), retain=True
+        )
 
     def announce(
         self,
@@ -230,11 +284,22 @@ class FakeAggregator:
 
     def _on_fetch(self, client: str, request: FetchRequest) -> None:
         self.fetches.append(request)
-        for chunk in chunks_for_fetch(self.manifest, self.chunks, request):
+        down = down_topic(self.fleet, client)
+        if request.plan is None:  # how do I get there? the next scripted answer, else full
+            served, before = self.faults.plans.pop(0) if self.faults.plans else (self.full, ())
+            self.plans[served[0].plan] = served
+            for msg in before:
+                self._send(down, msg)
+            self._send(down, served[0])
+            return
+        plan, chunks = self.plans[request.plan]
+        while self.faults.before_chunks:
+            self._send(down, self.faults.before_chunks.pop(0))
+        for chunk in chunks_for_fetch(plan, chunks, request):
             if chunk.index in self.faults.drop_fetch_chunks:
                 self.faults.drop_fetch_chunks.discard(chunk.index)
                 continue
-            self._send(down_topic(self.fleet, client), chunk)
+            self._send(down, chunk)
 
     def _on_upload(self, client: str, msg: object) -> None:
         f = self.faults
@@ -276,7 +341,7 @@ class FakeAggregator:
     def _ack(self, client: str, ack: UploadAck) -> None:
         self._send(ack_topic(self.fleet, client), ack)
 
-    def _send(self, topic: str, msg: UploadAck | GlobalChunk) -> None:
+    def _send(self, topic: str, msg: UploadAck | DownlinkPlan | GlobalChunk) -> None:
         self.client.publish(topic, encode(msg), expiry_s=120)
 
 

@@ -17,6 +17,7 @@ from agent_support import (
     FakeAggregator,
     Faults,
     agent_settings,
+    run_agent,
     sha256_hex,
     unique,
 )
@@ -39,25 +40,6 @@ from edge_agent.outbox import Outbox
 pytestmark = pytest.mark.broker
 
 
-def run_agent(agent: EdgeAgent, stop: threading.Event | None = None, limit: float = 60) -> int:
-    """Run in this thread; a watchdog stops it (and fails the test) if it hangs."""
-    stop = stop or threading.Event()
-    expired = threading.Event()
-
-    def expire() -> None:
-        expired.set()
-        stop.set()
-
-    timer = threading.Timer(limit, expire)
-    timer.start()
-    try:
-        code = agent.run(stop)
-    finally:
-        timer.cancel()
-    assert not expired.is_set(), f"agent still running after {limit}s"
-    return code
-
-
 def chunks_of(size: int, chunk_size: int = UPLOAD_CHUNK) -> int:
     return max(1, -(-size // chunk_size))
 
@@ -74,10 +56,15 @@ def test_round_fetches_global_trains_uploads_and_completes(
         elapsed = time.monotonic() - started
         fake.wait_for(lambda: "offline" in fake.states(me))
 
-        # Downlink: everything, then (after fetch_timeout_s) only the chunk that was dropped.
+        # Downlink: how (holding nothing: the full adapter), then everything, then (after
+        # fetch_timeout_s) only the chunk that was dropped.
         count = fake.manifest.chunk_count
-        wanted = [indices_from_bitmap(f.wanted, count) for f in fake.fetches]
+        (asked, *chunks) = fake.fetches
+        assert (asked.version, asked.held, asked.plan) == (0, None, None)
+        wanted = [indices_from_bitmap(f.wanted, count) for f in chunks]
         assert wanted == [list(range(count)), [1]]
+        assert {f.plan for f in chunks} == {fake.full[0].plan}
+        assert agent.downlinks[1].route == "full" and agent.downlinks[1].first_contact
 
         # Uplink: one manifest, every chunk once, acked complete.
         (report,) = agent.reports
@@ -95,7 +82,9 @@ def test_round_fetches_global_trains_uploads_and_completes(
         assert manifest.base_version == 0 and manifest.chunk_size == UPLOAD_CHUNK
         assert manifest.metadata["budget_bytes"] == BUDGET
         # Compute times stay on the device, for the evaluation to read from the agent.
-        assert set(manifest.metadata) == {"tokens_kept", "train_loss", "budget_bytes"}
+        assert set(manifest.metadata) == {
+            "tokens_kept", "train_loss", "budget_bytes", "downlink_route"
+        }  # fmt: skip
         assert list(agent.compute_times) == [1] and agent.compute_times[1].cpu_s > 0
         assert manifest.sample_count == 6 and manifest.method == "fstq"
 

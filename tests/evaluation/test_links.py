@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from evaluation.links import (
+    DOWNLINK_ASYMMETRY,
     EXAMPLE_TRACE,
     LinkProfile,
     TraceError,
@@ -20,6 +21,7 @@ from evaluation.links import (
     links_from_spec,
     load_trace,
     lognormal_links,
+    with_downlinks,
 )
 
 CLIENTS = [f"c{i:03d}" for i in range(100)]
@@ -219,3 +221,28 @@ def test_links_from_spec_covers_every_kind() -> None:
 def test_links_from_spec_rejects_unknown_models(spec: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match="unknown link model"):
         links_from_spec(spec, CLIENTS, np.random.default_rng(0))
+
+
+def test_downlinks_are_the_trace_s_own_or_the_anchored_model() -> None:
+    # Huang et al. (MobiSys 2012): LTE medians 13 Mbit/s down, 6 Mbit/s up.
+    assert DOWNLINK_ASYMMETRY == 13 / 6
+    traced = load_trace(EXAMPLE_TRACE)
+    filled = with_downlinks(traced)
+    assert filled["lte-01"].downlink_bps == 18_000_000.0  # given by the trace
+    assert filled["fedscale-like-02"].downlink_bps == pytest.approx(9_700_000.0 * 13 / 6)
+    assert all(p.downlink_bps is not None for p in filled.values())
+    # Only the downlink changes: uplink and windows stay as they were.
+    assert all(
+        (p.uplink_bps, p.windows, p.period_s) == (traced[c].uplink_bps, traced[c].windows,
+                                                   traced[c].period_s)
+        for c, p in filled.items()
+    )  # fmt: skip
+    drawn = lognormal_links(CLIENTS, np.random.default_rng(0))
+    doubled = with_downlinks(drawn, 2.0)
+    assert all(doubled[c].downlink_bps == 2 * drawn[c].uplink_bps for c in CLIENTS)
+
+
+@pytest.mark.parametrize("asymmetry", [0.0, -1.0, math.inf, math.nan])
+def test_downlinks_refuse_a_bad_asymmetry(asymmetry: float) -> None:
+    with pytest.raises(ValueError, match="asymmetry"):
+        with_downlinks({"a": LinkProfile(1e6)}, asymmetry)

@@ -91,3 +91,23 @@ def test_module_imports_without_matplotlib_or_a_display() -> None:
         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
     )  # fmt: skip
     assert out.stdout.strip() == "False"
+
+
+def test_total_bytes_and_time_with_downlink_are_their_own_axes() -> None:
+    run = fleet_run(
+        {"fstq": method_run("fstq", [
+            fleet_round(r, fleet_eval(3.6 - 0.05 * r), wire=1000, time_s=2.0, downlink=9000,
+                        time_with_downlink_s=5.0)
+            for r in range(4)
+        ])},
+    )  # fmt: skip
+    total = quality_figure(run, "loss", "total").axes[0]
+    assert total.get_xscale() == "log" and "uplink + downlink" in total.get_xlabel()
+    assert np.asarray(total.get_lines()[0].get_xdata()).tolist() == [
+        10_000.0 * r for r in (1, 2, 3)
+    ]
+    timed = quality_figure(run, "loss", "time").axes[0]
+    assert "downlink included" in timed.get_xlabel()
+    assert np.asarray(timed.get_lines()[0].get_xdata()).tolist() == [5.0 * r for r in range(4)]
+    up_only = quality_figure(run, "loss", "uplink_time").axes[0]
+    assert np.asarray(up_only.get_lines()[0].get_xdata()).tolist() == [2.0 * r for r in range(4)]

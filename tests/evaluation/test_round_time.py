@@ -7,7 +7,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from evaluation.round_time import ClientTiming, client_time, round_time, upload_time
+from evaluation.round_time import (
+    ClientTiming,
+    client_time,
+    download_time,
+    round_time,
+    upload_time,
+)
 
 timings = st.builds(
     ClientTiming,
@@ -78,3 +84,39 @@ def test_timing_rejects_impossible_values(kwargs: dict[str, Any]) -> None:
 def test_round_time_rejects_bad_server_time(server_s: float) -> None:
     with pytest.raises(ValueError, match="server_s"):
         round_time([], server_s)
+
+
+def test_the_download_comes_first_at_the_downlink_rate() -> None:
+    # 1 MB down at 16 Mbit/s (0.5 s), 2 s compute, 0.25 MB up at 2 Mbit/s (1 s).
+    t = ClientTiming(2.0, 250_000, 2e6, downlink_bytes=1_000_000, downlink_bps=16e6)
+    assert download_time(t) == 0.5 and upload_time(t) == 1.0
+    assert client_time(t) == 3.5 and client_time(t, downlink=False) == 3.0
+    assert round_time([t], 0.1) == pytest.approx(3.6)
+    assert round_time([t], 0.1, downlink=False) == pytest.approx(3.1)
+    # Nothing fetched (a device holding the version, or one that derived v0): no download.
+    assert download_time(ClientTiming(1.0, 0, 1e6)) == 0.0
+
+
+@given(arrived=st.lists(timings, max_size=12), server_s=server, down=st.integers(0, 10**8))
+def test_counting_the_download_never_shortens_a_round(
+    arrived: list[ClientTiming], server_s: float, down: int
+) -> None:
+    fetched = [
+        ClientTiming(c.compute_s, c.wire_bytes, c.rate_bps, down, c.rate_bps * 2) for c in arrived
+    ]
+    assert round_time(fetched, server_s) >= round_time(fetched, server_s, downlink=False)
+    assert round_time(fetched, server_s, downlink=False) == round_time(arrived, server_s)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"downlink_bytes": -1, "downlink_bps": 1e6},
+        {"downlink_bytes": 10, "downlink_bps": None},  # bytes with no rate to charge them at
+        {"downlink_bytes": 10, "downlink_bps": 0.0},
+        {"downlink_bytes": 10, "downlink_bps": math.nan},
+    ],
+)
+def test_timing_rejects_an_impossible_download(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match="must"):
+        ClientTiming(1.0, 1, 1e6, **kwargs)

@@ -14,7 +14,8 @@ from run_records import device, fleet_eval, fleet_round, fleet_run, method_run, 
 from common.record import jsonable
 from evaluation.fleet_config import FleetConfig
 from evaluation.run_record import RunRecordError, read_run, write_run
-from evaluation.summary import markdown_tables, summarize
+from evaluation.summary import summarize
+from evaluation.tables import markdown_tables
 from evaluation.targets import Target
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "evaluation"
@@ -107,5 +108,7 @@ def test_run_config_keeps_every_fleet_setting() -> None:
     config = run_config(alpha=0.5)
     names = [f.name for f in fields(config)]
     assert names[: len(fields(FleetConfig))] == [f.name for f in fields(FleetConfig)]
-    assert names[-3:] == ["budget_bytes", "dense_fp16_bytes", "links"]
+    assert names[-5:] == [
+        "budget_bytes", "dense_fp16_bytes", "links", "downlink_asymmetry", "downlinks"
+    ]  # fmt: skip
     assert config.alpha == 0.5 and config.links == {"c000": 1e6}

@@ -22,8 +22,14 @@ from evaluation.targets import (
 LOSS = Target("loss", 3.41, higher_is_better=False, rule="fixed")
 
 
-def _round(r: int, loss: float | None, wire: int = 1000, time_s: float = 2.0) -> FleetRound:
-    return fleet_round(r, fleet_eval(loss), wire=wire, time_s=time_s)
+def _round(
+    r: int, loss: float | None, wire: int = 1000, time_s: float = 2.0, down: int = 0
+) -> FleetRound:
+    # The download takes a second more than the rest of the round whenever there is one.
+    with_down = time_s + (1.0 if down else 0.0)
+    return fleet_round(
+        r, fleet_eval(loss), wire=wire, time_s=time_s, downlink=down, time_with_downlink_s=with_down
+    )
 
 
 def test_target_is_95_percent_of_the_reference_improvement() -> None:
@@ -83,35 +89,47 @@ def test_first_reaching_skips_unevaluated_and_nan_rounds() -> None:
 
 
 def test_to_target_counts_up_to_and_including_the_reaching_round() -> None:
-    rounds = [_round(0, 3.63), _round(1, 3.5, 100, 1.0), _round(2, None, 200, 2.0),
-              _round(3, 3.40, 400, 4.0), _round(4, 3.30, 800, 8.0)]  # fmt: skip
-    rounds[0] = replace(rounds[0], uplink_wire_bytes=999)  # round 0 never costs anything
-    assert to_target(rounds, LOSS) == ToTarget(round=3, uplink_wire_bytes=700, time_s=7.0)
+    rounds = [_round(0, 3.63), _round(1, 3.5, 100, 1.0, 50), _round(2, None, 200, 2.0, 50),
+              _round(3, 3.40, 400, 4.0), _round(4, 3.30, 800, 8.0, 50)]  # fmt: skip
+    # Round 0 never costs anything.
+    rounds[0] = replace(rounds[0], uplink_wire_bytes=999, downlink_wire_bytes=999)
+    reached = to_target(rounds, LOSS)
+    assert reached == ToTarget(
+        round=3, uplink_wire_bytes=700, time_s=7.0, downlink_wire_bytes=100,
+        time_with_downlink_s=9.0,
+    )  # fmt: skip
+    assert reached is not None and reached.total_wire_bytes == 800
     assert to_target(rounds[:3], LOSS) is None
     assert [p.value for p in progress(rounds, "loss")] == [3.63, 3.5, None, 3.40, 3.30]
 
 
 rounds_st = st.lists(
-    st.tuples(st.one_of(st.none(), st.floats(0, 10)), st.integers(0, 10**7), st.floats(0, 1e3)),
+    st.tuples(
+        st.one_of(st.none(), st.floats(0, 10)), st.integers(0, 10**7), st.floats(0, 1e3),
+        st.integers(0, 10**7),
+    ),
     min_size=1,
     max_size=15,
-)
+)  # fmt: skip
 
 
 @given(spec=rounds_st, target=st.floats(0, 10))
 def test_to_target_agrees_with_first_reaching_and_cumulative_sums(
-    spec: list[tuple[float | None, int, float]], target: float
+    spec: list[tuple[float | None, int, float, int]], target: float
 ) -> None:
-    rounds = [_round(r, loss, wire, t) for r, (loss, wire, t) in enumerate(spec)]
+    rounds = [_round(r, loss, wire, t, down) for r, (loss, wire, t, down) in enumerate(spec)]
     goal = Target("loss", target, higher_is_better=False, rule="x")
-    k = first_reaching([loss for loss, _, _ in spec], goal)
+    k = first_reaching([loss for loss, *_ in spec], goal)
     got = to_target(rounds, goal)
     if k is None:
         assert got is None
         return
     assert got is not None and got.round == k
-    assert got.uplink_wire_bytes == sum(w for _, w, _ in spec[1 : k + 1])
-    assert got.time_s == pytest.approx(sum(t for _, _, t in spec[1 : k + 1]))
+    assert got.uplink_wire_bytes == sum(w for _, w, _, _ in spec[1 : k + 1])
+    assert got.downlink_wire_bytes == sum(d for _, _, _, d in spec[1 : k + 1])
+    assert got.time_s == pytest.approx(sum(t for _, _, t, _ in spec[1 : k + 1]))
+    downloads = sum(1 for _, _, _, d in spec[1 : k + 1] if d)
+    assert got.time_with_downlink_s == pytest.approx(got.time_s + downloads)
     # An easier target is reached no later and for no more bytes.
     easier = to_target(rounds, Target("loss", target + 1, higher_is_better=False, rule="x"))
     assert easier is not None and easier.round <= got.round

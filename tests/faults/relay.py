@@ -8,7 +8,8 @@ relay can
   gone client -> target; the decisions come from ``random.Random(seed)`` in accept order, so the
   plan is the same on every run (which bytes are in flight when the cut comes is up to timing);
 * cut on cue: ``cut_all()``;
-* stall: ``stall()`` holds every byte until ``resume()``;
+* stall: ``stall()`` holds every byte until ``resume()`` (``stall(up_only=True)``: only what
+  the clients send; bytes held when a connection is cut are dropped, never forwarded);
 * throttle: ``throttle_bps`` bytes/s per connection and direction;
 * delay: ``delay_s`` before each forwarded write.
 
@@ -91,7 +92,9 @@ class _Link:
                                 max(1, min(_BUF, relay.throttle_bps // 10)))  # fmt: skip
                 if not data:
                     break
-                while relay.stalled.is_set() and not self.closed.is_set():
+                while (relay.stalled.is_set() or (up and relay.stalled_up.is_set())) and (
+                    not self.closed.is_set()
+                ):
                     time.sleep(_POLL_S / 2)
                 if relay.delay_s:
                     time.sleep(relay.delay_s)
@@ -142,6 +145,7 @@ class Relay:
         self.throttle_bps = throttle_bps
         self.delay_s = delay_s
         self.stalled = threading.Event()
+        self.stalled_up = threading.Event()
         self.stats = RelayStats()
         self._links: list[_Link] = []
         self._threads: list[threading.Thread] = []  # every pump ever started, joined by stop()
@@ -168,6 +172,7 @@ class Relay:
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
         self.stalled.clear()
+        self.stalled_up.clear()
         if self._acceptor is not None:
             self._acceptor.join(timeout)
         if self._listener is not None:
@@ -202,11 +207,12 @@ class Relay:
             link.close()
         return len(links)
 
-    def stall(self) -> None:
-        self.stalled.set()
+    def stall(self, *, up_only: bool = False) -> None:
+        (self.stalled_up if up_only else self.stalled).set()
 
     def resume(self) -> None:
         self.stalled.clear()
+        self.stalled_up.clear()
 
     @property
     def open_connections(self) -> int:

@@ -42,6 +42,8 @@ from hypothesis import strategies as st
 from report import FaultRow
 from service_support import FakeClock, compressed, random_delta
 
+from aggregator.downlink import plan_id
+from aggregator.round_result import read_rounds
 from aggregator.service import Aggregator
 from aggregator.settings import AggregatorSettings
 from aggregator.store import AggregatorStore
@@ -51,9 +53,11 @@ from broker.errors import TopicError, WireError
 from broker.memory import MemoryBroker, MemoryClient
 from broker.messages import (
     MAX_CHUNKS,
+    PROTOCOL_VERSION,
     AckStatus,
     ClientState,
     ClientStatus,
+    DownlinkRoute,
     FetchRequest,
     RoundPhase,
     UploadAck,
@@ -118,6 +122,7 @@ class Harness:
         self.agg.start()
         #: good's acknowledged uploads: (round, SHA-256 of the payload it produced)
         self.acked: list[tuple[int, str]] = []
+        self.v0 = self.agg.rounds.current.manifest.sha256
 
     def close(self) -> None:
         self.good.close()
@@ -208,10 +213,28 @@ rounds = st.one_of(_relative, _relative, _relative, st.integers(0, 2**63 - 1).ma
 
 
 class At(NamedTuple):
-    """Where the aggregator is when a message is sent: the open round, the global version."""
+    """Where the aggregator is when a message is sent: the open round, the global version, and
+    the ids of v0 and of the current global (states a fetch may claim to hold, so that plan
+    requests get catch-ups and ``none`` as well as full adapters)."""
 
     round: int
     version: int
+    states: tuple[bytes, bytes] = (bytes(32), bytes(32))
+
+
+#: A held state or plan id drawn as a name, resolved when the message is built.
+_STATE_NAMES = ("v0", "current", "full_plan")
+
+
+def resolve_state(value: Any, at: At) -> Any:
+    """``v0``/``current``: those states' ids; ``full_plan``: the current full plan's id."""
+    if value == "v0":
+        return at.states[0]
+    if value == "current":
+        return at.states[1]
+    if value == "full_plan":
+        return plan_id(DownlinkRoute.FULL, at.states[1], None, 0, "")
+    return value
 
 
 # The strategies below draw *recipes*: functions of ``At``, so that what hypothesis draws never
@@ -223,7 +246,7 @@ def resolve(r: str, now: int) -> int:
     return max(0, now + int(r)) if r[0] in "+-" else int(r)
 
 
-FAMILIES = ("up", "up", "up", "fetch", "status", "other")
+FAMILIES = ("up", "up", "up", "fetch", "fetch", "status", "other")
 
 
 @st.composite
@@ -285,7 +308,14 @@ _FIELDS: dict[str, st.SearchStrategy[dict[str, Any]]] = {
     "up.chunk": _with(
         {"upload_id": _UPLOAD_IDS, "index": st.integers(0, 2**16 - 1)}, _chunk_data()
     ),
-    "fetch": _with({"version": rounds, "wanted": st.binary(max_size=64)}),
+    # Plan requests and chunk requests, holding nothing, v0, a random state or the global's id
+    # (drawn as the current version's, relative like rounds), for random or real plan ids.
+    "fetch": _with({"version": st.just("+0") | rounds, "wanted": st.binary(max_size=64),
+                    "held": st.sampled_from(("v0", "v0", "current", None)) | _SHA,
+                    "plan": st.sampled_from((None, None, None, "full_plan")) | _SHA}),
+    "down.plan": _with(
+        {"version": rounds, "route": st.just(DownlinkRoute.CATCHUP), "plan": _SHA, "base": _SHA,
+         "result": _SHA, "sha256": _SHA}, _sizes()),
     "status": _with({"state": st.sampled_from(ClientState), "timestamp": st.floats(0, 1e10)}),
     "up.ack": _with({"upload_id": _UPLOAD_IDS, "status": st.sampled_from(AckStatus),
                      "chunk_count": st.just(0), "have": st.just(b"")}),
@@ -297,7 +327,7 @@ _FIELDS: dict[str, st.SearchStrategy[dict[str, Any]]] = {
     ),
     "global.manifest": _with({"version": rounds, "sha256": _SHA, "format": st.just("x")},
                              _sizes()),
-    "global.chunk": _with({"version": rounds, "index": st.integers(0, 2**16 - 1)},
+    "global.chunk": _with({"version": rounds, "plan": _SHA, "index": st.integers(0, 2**16 - 1)},
                           _chunk_data()),
     # The aggregator's own observer message: another sender's on a device topic is garbage.
     "progress": _with(
@@ -325,7 +355,8 @@ def valid_messages(draw: st.DrawFn, family: str, client: str, r: str) -> Recipe:
     }
 
     def build(at: At) -> WireMessage:
-        values = {k: resolve(v, at.version) if k in _VERSIONS else v for k, v in fields.items()}
+        values = {k: resolve(v, at.version) if k in _VERSIONS else resolve_state(v, at)
+                  for k, v in fields.items()}  # fmt: skip
         if "client" in cls.model_fields:
             values["client"] = named["client"]
         if "round" in cls.model_fields:
@@ -343,7 +374,7 @@ def hostile_envelopes(draw: st.DrawFn, valid: Recipe) -> Recipe:
     extra = draw(st.dictionaries(st.one_of(st.text(max_size=10), ints), values, max_size=2))
 
     def build(at: At) -> bytes:
-        body: dict[Any, Any] = {"v": 1, **msgpack.unpackb(encode(valid(at)))}
+        body: dict[Any, Any] = {"v": PROTOCOL_VERSION, **msgpack.unpackb(encode(valid(at)))}
         for key, value in changes:  # None: drop the field
             if value is None:
                 body.pop(key, None)
@@ -450,7 +481,8 @@ def fuzz(harness: Harness, examples: int) -> Counter[str]:
         honest = [message(topic, encode(m)) for m in sent]
         feed: list[tuple[Message, bool]] = [(m, False) for m in honest]
         for junk in data.draw(st.lists(garbage(), min_size=1, max_size=12), label="garbage"):
-            feed.insert(data.draw(st.integers(0, len(feed))), (junk(At(round_id, base)), True))
+            at = At(round_id, base, (harness.v0, agg.rounds.current.manifest.sha256))
+            feed.insert(data.draw(st.integers(0, len(feed))), (junk(at), True))
         harness.acks()  # drop answers of earlier examples
         closed_with: dict[str, torch.Tensor] | None = None
         for msg, is_junk in feed:
@@ -498,6 +530,14 @@ def audit(harness: Harness, examples: int) -> FaultRow:
         rounds = sum(r.state == "closed" for r in store.rounds())
     finally:
         store.close()
+    # The fetches among the garbage got every kind of plan (a catch-up from a v0 they claimed
+    # to hold, nothing for the current global's id, the full adapter for anything else).
+    plans: Counter[str] = Counter()
+    for rec in read_rounds(harness.settings.rounds_path):
+        for route, t in (rec.downlink.routes if rec.downlink else {}).items():
+            plans[route] += t.fetches
+    # A few a quick run (not every route every time); all of them in the thorough one.
+    assert set(plans) >= ({"catchup", "none", "full"} if examples >= THOROUGH else {"full"})
     lost = sum(stored[r] is None for r, _ in harness.acked)
     corrupted = sum(
         (up := stored[r]) is not None and hashlib.sha256(up.payload).hexdigest() != sha
@@ -514,7 +554,8 @@ def audit(harness: Harness, examples: int) -> FaultRow:
         corrupted_aggregated=corrupted,
         acknowledged_lost=lost,
         notes=f"{examples} examples; {rejections} garbage messages rejected by reason, "
-        f"{counters['internal_error']} internal errors",
+        f"{counters['internal_error']} internal errors; downlink plans served: "
+        + ", ".join(f"{n} {route}" for route, n in sorted(plans.items())),
     )
 
 

@@ -38,7 +38,7 @@ from aggregator.settings import AggregatorSettings
 from aggregator.store import AggregatorStore
 from broker.codec import encode
 from broker.local import LocalBroker
-from broker.messages import AckStatus, UploadManifest
+from broker.messages import PROTOCOL_VERSION, AckStatus, UploadManifest
 
 pytestmark = [pytest.mark.broker]
 
@@ -57,7 +57,7 @@ def mosquitto_pub(broker: LocalBroker, topic: str, payload: bytes) -> None:
     assert done.returncode == 0, done.stderr.decode(errors="replace")
 
 
-def raw_manifest(version: int = 1, **fields: Any) -> bytes:
+def raw_manifest(version: int = PROTOCOL_VERSION, **fields: Any) -> bytes:
     """A manifest envelope packed by hand: no pydantic validation on the way out."""
     body = {"v": version, "kind": "up.manifest", **fields}
     packed = msgpack.packb(body, use_bin_type=True)
@@ -142,7 +142,7 @@ def test_hostile_uploads_are_rejected_bounded_and_the_round_still_closes(
             good_manifest, _ = evil.prepare(b"x" * 5000, round_id=1, upload_id="trunc")
             hostile(encode(good_manifest)[:-7], "malformed")  # truncated msgpack
             fields = {**good_manifest.model_dump(), "upload_id": "v2"}
-            hostile(raw_manifest(2, **fields), "bad_version")
+            hostile(raw_manifest(PROTOCOL_VERSION + 1, **fields), "bad_version")
             # Act 2: manifests whose declared sizes would exhaust memory.
             sha = b"\x00" * 32
             common = dict(round=1, client="evil", base_version=0, sha256=sha, sample_count=1,

@@ -341,7 +341,12 @@ def test_aggregator_killed_while_publishing_the_global_adapter(
     # several request/answer turns. The held-out evaluation (the first one also builds the peft
     # model) keeps the aggregator busy closing round 1 for a while.
     device = {"fetch_window": 2, **rig.slow_link()}
-    fleet = rig.start([device, device], rounds=2, eval={"path": eval_path, "max_len": 32})
+    # The full-adapter downlink: v1 is the payload served by two processes (a catch-up plan
+    # killed in flight is test_downlink_faults.py's scenario 9.1).
+    fleet = rig.start(
+        [device, device], rounds=2, eval={"path": eval_path, "max_len": 32},
+        downlink={"mode": "full"},
+    )  # fmt: skip
     agg, s = fleet.aggregator, fleet.settings
 
     # Kill 1: the last upload of round 1 is acknowledged, so the aggregator is building and

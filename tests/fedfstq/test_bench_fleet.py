@@ -10,7 +10,7 @@ import pytest
 from run_records import fleet_eval, fleet_round, fleet_run, method_run, run_config
 
 from evaluation.run_record import FleetRun, read_run, write_run
-from fedfstq.bench_fleet import merge_records
+from fedfstq.bench_fleet import merge_by_seed, merge_records
 from fedfstq.cli import main
 
 
@@ -20,12 +20,13 @@ def _record(
     losses: tuple[float, ...] = (4.0, 3.5),
     budget_fraction: float = 0.125,
     budget_bytes: int | None = None,
+    seed: int = 0,
 ) -> FleetRun:
     rounds = [
         fleet_round(i, fleet_eval(loss), wire=1000 * i, time_s=float(i))
         for i, loss in enumerate(losses)
     ]
-    config = run_config(alpha=alpha, budget_fraction=budget_fraction)
+    config = replace(run_config(alpha=alpha, budget_fraction=budget_fraction), seed=seed)
     return fleet_run({method: method_run(method, rounds, budget_bytes=budget_bytes)}, None, config)
 
 
@@ -101,3 +102,44 @@ def test_bad_options_are_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixt
     trace.write_text('{"clients": {"d": {"uplink_kbps": -1}}}')
     assert main(["bench", "fleet", "--trace", str(trace)]) == 2
     assert "trace.json" in capsys.readouterr().err
+
+
+def test_seeds_are_merged_apart_never_into_one_fleet() -> None:
+    records = [_record("dense_fp16"), _record("fstq", seed=1), _record("dense_fp16", seed=1),
+               _record("fstq")]  # fmt: skip
+    by_seed = merge_by_seed(records)
+    assert list(by_seed) == [0, 1]
+    assert all(set(r.methods) == {"dense_fp16", "fstq"} for r in by_seed.values())
+    assert [r.config.seed for r in by_seed.values()] == [0, 1]
+    with pytest.raises(ValueError, match="seed"):
+        merge_records([_record("dense_fp16"), _record("fstq", seed=1)])
+
+
+def test_report_of_two_seeds_prints_each_and_both_side_by_side(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    paths = []
+    # Dense's target is 3.43 in both; seed 0's fstq reaches it at round 2, seed 1's at 1.
+    for seed, fstq_losses in ((0, (4.0, 3.45, 3.42)), (1, (4.0, 3.42, 3.3))):
+        for method, losses in (("dense_fp16", (4.0, 3.5, 3.4)), ("fstq", fstq_losses)):
+            path = tmp_path / f"{method}-{seed}.json"
+            write_run(path, _record(method, losses=losses, seed=seed))
+            paths.append(str(path))
+    out = tmp_path / "merged.json"
+    argv = ["bench", "fleet", "--report", *paths, "--json", str(out), "--plots",
+            str(tmp_path / "plots")]  # fmt: skip
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "## Seed 0" in text and "## Seed 1" in text and "## Across seeds 0, 1" in text
+    merged = {seed: read_run(tmp_path / f"merged-s{seed}.json") for seed in (0, 1)}
+    assert {s: r.config.seed for s, r in merged.items()} == {0: 0, 1: 1}
+    row = next(ln for ln in text.splitlines() if ln.startswith("| fstq | 0, 1 |"))
+    assert "1.5 (s0: 2, s1: 1)" in row
+    for seed in (0, 1):
+        assert (tmp_path / "plots" / f"s{seed}" / "loss_vs_total.png").is_file()
+
+
+@pytest.mark.parametrize("bad", ["", "0,0", "a", "-1"])
+def test_bad_seed_lists_are_refused(bad: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "fleet", "--seeds", bad]) == 2
+    assert "--seeds" in capsys.readouterr().err

@@ -43,18 +43,24 @@ def test_the_demo_shows_each_device_at_work_and_ends_with_bytes_both_ways(tmp_pa
     # Live: who was selected, each device's stages, the arrivals. (Steps within a second of the
     # last status are held back: the tiny model's steps are that fast.)
     assert "round 1 opened on v0: selected device-0, device-1" in out
+    # Round 1 trains from v0 derived on each device (nothing to fetch); round 2 fetches v1 as a
+    # catch-up on top of v0 (the demo's default downlink).
     for device in ("device-0", "device-1"):
         for r in (1, 2):
-            for doing in STAGES:
+            for doing in STAGES[r == 1 :]:
                 assert f"{device} round {r}: {doing}" in out
+        assert f"{device} round 1: fetching" not in out
     for r in (1, 2):
         assert f"round {r} closed (on v{r - 1}); 2/2 arrived (device-0, device-1)" in out
     assert "global adapter v2 published" in out
     # The end: the table of the records, with uplink and downlink bytes and the perplexity.
     assert table_text(records) in out
+    assert [rec.downlink_wire_bytes > 0 for rec in records] == [False, True]
+    routes = [sorted(rec.downlink.routes) if rec.downlink else None for rec in records]
+    assert routes == [["derived"], ["catchup"]]
     for rec in records:
         cells = dict(zip(COLUMNS, row(rec), strict=True))
-        assert rec.downlink_wire_bytes > 0 and rec.uplink_wire_bytes > 0
+        assert rec.uplink_wire_bytes > 0
         assert cells["downlink_B"] == f"{rec.downlink_wire_bytes:,}"
         assert rec.eval is not None and rec.eval.loss is not None
         assert float(cells["perplexity"]) == pytest.approx(math.exp(rec.eval.loss), 1e-3)

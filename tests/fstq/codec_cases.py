@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from hypothesis import strategies as st
 
+from fstq.accounting import ByteReport
 from fstq.compressors import (
     Compressor,
     DenseCompressor,
@@ -98,6 +99,14 @@ def distortion(
 ) -> float:
     """Fisher-weighted squared error ``sum F * (x - x_hat)**2`` in float64."""
     return total_sq({k: reference[k].double() - decoded[k].double() for k in reference}, weights)
+
+
+def streams_coded(report: ByteReport) -> tuple[bool, bool]:
+    """Whether some tags, and some INT codes, of an FSTQ payload were ANS-coded: fewer bytes
+    than packing at 2 bits a tag (INT2 codes 2 bits, INT4 4 bits, fp16 16 bits) would take."""
+    bits = report.bits_histogram
+    packed_values = bits.get(2, 0) / 4 + bits.get(4, 0) / 2 + 2 * bits.get(16, 0)
+    return report.tags < report.n_sent / 4, report.values < packed_values
 
 
 def fix_crc(payload: bytes) -> bytes:

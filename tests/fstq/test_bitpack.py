@@ -142,4 +142,8 @@ def test_support_decoder_rejects_out_of_range() -> None:
     with pytest.raises(DecodeError):
         decode_support(IndexMode.EMPTY, np.array([1], dtype=np.uint8), 3)
     with pytest.raises(DecodeError):
-        decode_support(5, np.zeros(0, dtype=np.uint8), 3)
+        decode_support(6, np.zeros(0, dtype=np.uint8), 3)  # no such mode
+    with pytest.raises(DecodeError):
+        decode_support(IndexMode.FULL, np.array([0], dtype=np.uint8), 3)  # full with bytes
+    with pytest.raises(DecodeError):  # complement leaving out all 3 indices: empty support
+        decode_support(IndexMode.COMPLEMENT, np.frombuffer(bytes([0, 1, 0b111]), np.uint8), 3)

@@ -10,13 +10,22 @@ from functools import cache
 import numpy as np
 import pytest
 import torch
-from codec_cases import METHOD_IDS, METHODS, dense_fp16_bytes, fix_crc, mixed_update
+from codec_cases import (
+    METHOD_IDS,
+    METHODS,
+    dense_fp16_bytes,
+    fix_crc,
+    lora_update,
+    mixed_update,
+    streams_coded,
+)
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from fstq.compressors import DecodeLimits, FstqCompressor, TopkCompressor, decompress
 from fstq.container import FORMAT_VERSION, MAGIC, ByteWriter, Method, TensorSpec, write_table
 from fstq.errors import DecodeError
+from fstq.index_coding import IndexMode
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -34,6 +43,9 @@ def valid_payloads() -> tuple[bytes, ...]:
     out.append(TopkCompressor(fraction=0.01).compress(sparse).payload)  # varint
     out.append(TopkCompressor(fraction=0.1).compress(sparse).payload)  # Rice
     out.append(FstqCompressor().compress(sparse, budget_bytes=200).payload)
+    out.append(_coded_fstq_payload())  # ANS-coded tag and INT streams
+    dense = lora_update(np.random.default_rng(73), layers=1, hidden=16, kv=8, r=2)
+    out.append(FstqCompressor().compress(dense, budget_bytes=dense_fp16_bytes(dense)).payload)
     return tuple(out)
 
 
@@ -60,9 +72,10 @@ def test_random_bodies_behind_a_valid_frame(data: bytes, method: Method, count: 
     _decode_or_decode_error(body + struct.pack("<I", zlib.crc32(body)))
 
 
-@pytest.mark.parametrize(
-    "index", range(len(METHODS) + 3), ids=[*METHOD_IDS, "varint", "rice", "fstq_sparse"]
-)
+EXTRA = ["varint", "rice", "fstq_sparse", "fstq_coded", "fstq_dense"]
+
+
+@pytest.mark.parametrize("index", range(len(METHODS) + len(EXTRA)), ids=[*METHOD_IDS, *EXTRA])
 def test_every_truncation(index: int) -> None:
     payload = valid_payloads()[index]
     for cut in range(len(payload)):
@@ -73,7 +86,7 @@ def test_every_truncation(index: int) -> None:
 
 @FUZZ
 @given(
-    index=st.integers(0, len(METHODS) + 2),
+    index=st.integers(0, len(METHODS) + len(EXTRA) - 1),
     flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(1, 255)), min_size=1, max_size=4),
 )
 def test_byte_flips(index: int, flips: list[tuple[int, int]]) -> None:
@@ -89,7 +102,7 @@ def test_byte_flips(index: int, flips: list[tuple[int, int]]) -> None:
 
 @FUZZ
 @given(
-    index=st.integers(0, len(METHODS) + 2),
+    index=st.integers(0, len(METHODS) + len(EXTRA) - 1),
     pos=st.integers(0, 10**6),
     insert=st.binary(min_size=0, max_size=8),
     delete=st.integers(0, 8),
@@ -161,19 +174,39 @@ def test_limits_are_the_callers() -> None:
             decompress(payload, limits)
 
 
+def _head(mode: IndexMode, index_bytes: int = 0, coded: int = 0) -> bytes:
+    """A section head (format 2): index_bytes << 6 | coded streams << 3 | mode, as LEB128."""
+    out = ByteWriter()
+    out.varint(index_bytes << 6 | coded << 3 | int(mode))
+    return out.finish()[:-4]
+
+
+BITMAP, RICE, VARINT = IndexMode.BITMAP, IndexMode.RICE, IndexMode.VARINT
+ONE = b"\x01"  # a bitmap of n = 3 sending index 0
+
+
 @pytest.mark.parametrize(
     ("body", "message"),
     [
-        (bytes([0b10 | (1 << 2), 5]), "does not fit"),  # varint support index 5 >= n = 3
-        (bytes([0b10 | (2 << 2), 0x80, 0x00]), "non-canonical"),  # overlong varint
-        (bytes([0b01, 0b1000]), "padding"),  # bitmap bit beyond n = 3
-        (bytes([0b01, 0b000]), "empty"),  # bitmap with nothing set
-        (bytes([0b01, 0b001, 0b11]), "tag 3"),  # invalid precision tag
-        (bytes([0b01, 0b001, 0b00]) + struct.pack("<f", float("nan")) + b"\x00", "scale"),
-        (bytes([0b01, 0b001, 0b01]) + struct.pack("<f", 1.0) + b"\x0f", "out of range"),
-        (bytes([0b01, 0b001, 0b10, 0x00, 0x7C]), "inf or NaN"),  # fp16 +inf
-        (bytes([0b11 | (3 << 2), 0, 1, 0x80]), "does not fit"),  # Rice gap 7 >= n = 3
-        (bytes([0b11]), "empty coded index"),
+        (_head(VARINT, 1) + bytes([5]), "does not fit"),  # varint support index 5 >= n = 3
+        (_head(VARINT, 2) + bytes([0x80, 0x00]), "non-canonical"),  # overlong varint
+        (_head(BITMAP) + bytes([0b1000]), "padding"),  # bitmap bit beyond n = 3
+        (_head(BITMAP) + bytes([0b000]), "empty"),  # bitmap with nothing set
+        (_head(BITMAP) + ONE + bytes([0b11]), "tag 3"),  # invalid precision tag
+        (_head(BITMAP) + ONE + b"\x00" + struct.pack("<f", float("nan")) + b"\x00", "scale"),
+        (_head(BITMAP) + ONE + b"\x01" + struct.pack("<f", 1.0) + b"\x0f", "out of range"),
+        (_head(BITMAP) + ONE + bytes([0b10, 0x00, 0x7C]), "inf or NaN"),  # fp16 +inf
+        (_head(RICE, 3) + bytes([0, 1, 0x80]), "does not fit"),  # Rice gap 7 >= n = 3
+        (_head(RICE), "empty coded index"),
+        (bytes([6]), "unknown index mode"),
+        (_head(IndexMode.FULL, 1) + b"\x00", "index length"),
+        (_head(IndexMode.EMPTY, 0, 1), "without tags"),  # coded streams flagged, nothing sent
+        (_head(BITMAP, 0, 1) + ONE + bytes([2]), "exceeds the limit"),  # k2 = 2 of k = 1
+        (_head(BITMAP, 0, 2) + ONE + b"\x01" + struct.pack("<f", 1.0), "no codes"),  # all INT4
+        (_head(BITMAP, 0, 2) + ONE + b"\x00" + struct.pack("<f", 1.0) + b"\x00", "precision"),
+        (_head(BITMAP, 0, 2) + ONE + b"\x00" + struct.pack("<f", 1.0) + b"\x0d", "precision"),
+        (_head(BITMAP, 0, 2) + ONE + b"\x00" + struct.pack("<f", 1.0) + b"\x02\x00", "no symbol"),
+        (_head(BITMAP, 0, 2) + ONE + b"\x00" + struct.pack("<f", 1.0) + b"\x02\xff", "padding"),
     ],
     ids=[
         "index_range",
@@ -186,12 +219,82 @@ def test_limits_are_the_callers() -> None:
         "inf",
         "rice_range",
         "rice_empty",
+        "unknown_mode",
+        "full_with_bytes",
+        "coded_empty",
+        "tag_counts",
+        "coded_no_codes",
+        "precision0",
+        "precision13",
+        "model_empty",
+        "model_padding",
     ],
 )
 def test_crafted_sections(body: bytes, message: str) -> None:
     payload = _hostile([TensorSpec("w", torch.float32, (3,))], Method.FSTQ, body)
     with pytest.raises(DecodeError, match=message):
         decompress(payload)
+
+
+def _coded_fstq_payload() -> bytes:
+    """A valid FSTQ payload with ANS-coded tag and INT streams (non-empty blocks)."""
+    update = lora_update(np.random.default_rng(72), layers=1, hidden=64, kv=32, r=8)
+    result = FstqCompressor().compress(update, budget_bytes=2500)
+    assert streams_coded(result.report) == (True, True)
+    return result.payload
+
+
+def test_hostile_coded_streams() -> None:
+    good = _coded_fstq_payload()
+    body = good[:-4]
+    # Blocks are at the end: the INT block's words, then its length varint before them.
+    cases = {
+        "extra word": body[:-1] + bytes([body[-1] ^ 0x40]),  # a different ANS stack
+        "zero last word": body[:-4] + b"\0\0\0\0",
+        "truncated words": body[:-4],
+        "appended word": body + b"\x01\0\0\0",
+    }
+    for label, bad in cases.items():
+        with pytest.raises(DecodeError):
+            decompress(fix_crc(bad + b"\0\0\0\0"))
+        assert label
+
+
+def test_coded_tags_must_match_their_counts() -> None:
+    # One tensor of 3 coordinates, all sent: the tag model says 1 INT2, 1 INT4, 1 fp16, and
+    # the tag block holds the ANS stack of different tags, which must be refused.
+    import constriction
+
+    coder = constriction.stream.stack.AnsCoder()
+    model = constriction.stream.model.Categorical(np.array([1.0, 1.0, 1.0]), perfect=False)
+    coder.encode_reverse(np.array([0, 0, 2], dtype=np.int32), model)
+    words = coder.get_compressed().astype("<u4").tobytes()
+    int2 = b"\x00"  # packed INT2 code (q = -1) for the one INT2 coordinate
+    int4 = b"\x07"  # packed INT4 code (q = 0)
+    body = (
+        _head(IndexMode.FULL, 0, 1)
+        + bytes([1, 1])
+        + struct.pack("<ff", 1.0, 1.0)
+        + int2
+        + int4
+        + b"\x00\x3c"  # fp16 1.0
+        + bytes([len(words) // 4])
+        + words
+        + b"\x00"
+    )
+    payload = _hostile([TensorSpec("w", torch.float32, (3,))], Method.FSTQ, body)
+    with pytest.raises(DecodeError, match="disagree"):
+        decompress(payload)
+
+
+def test_format_1_payload_is_refused_with_its_version() -> None:
+    good = FstqCompressor().compress({"w": torch.ones(3)}, budget_bytes=200).payload
+    old = bytearray(good)
+    old[4] = 1
+    with pytest.raises(
+        DecodeError, match=r"version 1 .*before entropy coding.*reads only version 2"
+    ):
+        decompress(fix_crc(bytes(old)))
 
 
 def test_unknown_version_method_and_dtype() -> None:
