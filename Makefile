@@ -1,5 +1,5 @@
 # The two commands of the README. Each does its own set-up on a fresh machine.
-.PHONY: setup lock demo test check bench-codec bench-faults bench-fleet bench-inference
+.PHONY: setup lock demo test check bench-codec bench-faults bench-fleet bench-inference bench-brokers
 
 setup:
 	bash scripts/setup.sh
@@ -25,6 +25,9 @@ bench-codec: setup
 # The evaluation fleet (EVALUATION.md has the exact runs); ARGS="--help" lists the options.
 bench-fleet: setup
 	.venv/bin/fedfstq bench fleet $(ARGS)
+
+bench-brokers: setup
+	.venv/bin/fedfstq bench brokers $(ARGS)
 
 bench-inference: setup
 	.venv/bin/fedfstq bench inference $(ARGS)

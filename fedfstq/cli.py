@@ -24,7 +24,7 @@ from typing import Any, NoReturn
 from aggregator import arguments as aggregator_arguments
 from common.exit_codes import ExitCode
 from edge_agent import arguments as agent_arguments
-from fedfstq import bench_codec, bench_fleet, bench_inference, demo, enrol, status
+from fedfstq import bench_brokers, bench_codec, bench_fleet, bench_inference, demo, enrol, status
 from fedfstq.errors import INTERRUPTED, exit_codes_text, one_line, report
 
 __all__ = ["main"]
@@ -221,6 +221,15 @@ BENCHMARKS = (
         "target quality (EVALUATION.md).",
         bench_fleet.add_arguments,
         bench_fleet.main,
+    ),
+    _Command(
+        "brokers",
+        "one round of chunk uploads through each broker set-up: MB/s, chunks/s",
+        "The same round of chunk uploads through each broker set-up the tests run (Mosquitto "
+        "over MQTT 5 and 3.1.1, a 2-node ejabberd cluster, a 3-node NATS cluster), started "
+        "privately on loopback: MB/s and chunk messages per second (RELIABILITY.md).",
+        bench_brokers.add_arguments,
+        bench_brokers.main,
     ),
 )
 

@@ -25,6 +25,7 @@ COMMANDS = [
     ["bench", "codec"],
     ["bench", "inference"],
     ["bench", "fleet"],
+    ["bench", "brokers"],
 ]
 #: What makes a help slow (seconds of imports) or a service start: none of it may load.
 HEAVY = {"torch", "transformers", "peft", "paho", "numpy", "pydantic", "aggregator.service"}

@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Protocol, Self
 
 import numpy as np
 import torch
@@ -31,7 +31,6 @@ from aggregator.service import Aggregator
 from aggregator.settings import AggregatorSettings
 from broker.codec import decode, peek_kind
 from broker.errors import WireError
-from broker.local import LocalBroker
 from broker.messages import UploadChunk, UploadManifest
 from broker.mqtt import MqttClient
 from broker.settings import MqttSettings
@@ -46,9 +45,11 @@ from workload.data import QAPair, federated_split, load_chatterbot, write_jsonl
 from workload.models import load_base_model
 
 __all__ = [
+    "FAST_MQTT",
     "LORA",
     "AgentWire",
     "AggregatorWire",
+    "Node",
     "OffsetClock",
     "Services",
     "agent_settings",
@@ -65,7 +66,7 @@ __all__ = [
 
 LORA: dict[str, Any] = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
 #: Every agent's (and the aggregator's) MQTT timers are short: a test waits seconds, not minutes.
-_FAST_MQTT: dict[str, Any] = {"backoff_base_s": 0.05, "backoff_max_s": 0.5, "keepalive_s": 10}
+FAST_MQTT: dict[str, Any] = {"backoff_base_s": 0.05, "backoff_max_s": 0.5, "keepalive_s": 10}
 
 _ids = itertools.count()
 
@@ -129,13 +130,23 @@ def client_data(sizes: Sequence[int], seed: int = 0) -> list[list[QAPair]]:
 # -- settings -------------------------------------------------------------------------------
 
 
+class Node(Protocol):
+    """Where a client connects: a ``LocalBroker``, or anything with its ``host`` and ``port``
+    (a node of a cluster set-up passes its full table, failover included, as ``mqtt=``)."""
+
+    @property
+    def host(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+
+
 def aggregator_settings(
-    broker: LocalBroker, fleet: str, state_dir: Path, **changes: Any
+    broker: Node, fleet: str, state_dir: Path, **changes: Any
 ) -> AggregatorSettings:
     """Tiny model, LoRA r=4 on q/v, 3 clients per round, a long deadline, fast polling."""
     base: dict[str, Any] = {
         "fleet": fleet,
-        "mqtt": {"host": broker.host, "port": broker.port, **_FAST_MQTT},
+        "mqtt": {"host": broker.host, "port": broker.port, **FAST_MQTT},
         "state_dir": state_dir,
         "model": "tiny",
         "lora": LORA,
@@ -155,7 +166,7 @@ def aggregator_settings(
 
 
 def agent_settings(
-    broker: LocalBroker,
+    broker: Node,
     fleet: str,
     client_id: str,
     root: Path,
@@ -170,7 +181,7 @@ def agent_settings(
     base: dict[str, Any] = {
         "client_id": client_id,
         "fleet": fleet,
-        "mqtt": {"host": broker.host, "port": broker.port, **_FAST_MQTT},
+        "mqtt": {"host": broker.host, "port": broker.port, **FAST_MQTT},
         "data_path": data,
         "state_dir": root / "state",
         "model": "tiny",
