@@ -215,7 +215,7 @@ def test_aggregator_killed_between_computing_and_serving_a_plan(
         agg.start()
         finish_and_check(
             fleet, services, watcher, 2, fault_report,
-            "9.1 downlink: aggregator SIGKILL between computing and serving a plan",
+            "10.1 downlink: aggregator SIGKILL between computing and serving a plan",
             "catch-up v0->v1 committed, its answer held in a stalled link and dropped; the "
             "restarted aggregator served the stored plan; devices verified it",
         )  # fmt: skip
@@ -288,7 +288,7 @@ def test_replayed_and_mismatched_plans_never_become_a_held_state(
         victim_id, version, route = held(fleet, 0)
         finish_and_check(
             fleet, services, watcher, 3, fault_report,
-            "9.2 downlink: replayed and mismatched plans",
+            "10.2 downlink: replayed and mismatched plans",
             "during the round-3 fetch: an old plan replayed, a plan for another held state, a "
             f"chunk of another plan, a corrupted catch-up; {ignored} plans ignored, {fallbacks} "
             f"fallback to the full adapter, the device trained from a verified {route} state",
@@ -339,7 +339,7 @@ def test_a_held_state_the_aggregator_forgot_gets_the_full_adapter(
             a.resume()
         finish_and_check(
             fleet, services, watcher, 3, fault_report,
-            "9.3 downlink: held state unknown to the aggregator",
+            "10.3 downlink: held state unknown to the aggregator",
             "downlink tables emptied between rounds 2 and 3; both devices got the full v2 "
             "adapter and verified it",
         )  # fmt: skip
