@@ -29,7 +29,9 @@ from evaluation.run_record import DeviceRound, FleetRound, read_run
 from evaluation.summary import summarize
 from evaluation.tables import markdown_tables
 
-MERGED = Path(__file__).resolve().parents[2] / "docs" / "evaluation" / "fleet-merged.json"
+# The merged record of the runs before issue 12 (every device downloaded the full adapter).
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "evaluation"
+MERGED = DOCS / "fleet-merged-before-issue-12.json"
 
 
 def _legacy_round(
