@@ -97,6 +97,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "Mosquitto",
     )
     p.add_argument(
+        "--mqtt-protocol",
+        choices=("5", "3.1.1"),
+        default="5",
+        help="MQTT version every service speaks (3.1.1: broker/README.md, 'MQTT 3.1.1 profile')",
+    )
+    p.add_argument(
         "--workdir",
         type=Path,
         default=Path("runs/demo"),
@@ -204,7 +210,7 @@ def _write_configs(
             "fleet": "demo",
             "state_dir": str(workdir / "aggregator"),
             "model": args.model,
-            "mqtt": {"host": host, "port": port},
+            "mqtt": {"host": host, "port": port, "protocol": args.mqtt_protocol},
             "lora": {"r": args.lora_r, "alpha": 2 * args.lora_r},
             "rounds": {
                 "clients_per_round": args.clients,
@@ -233,7 +239,7 @@ def _write_configs(
                 "max_rounds": args.rounds,
                 "heartbeat_s": 5.0,
                 "progress_s": 1.0,  # the live view shows each training step
-                "mqtt": {"host": host, "port": port},
+                "mqtt": {"host": host, "port": port, "protocol": args.mqtt_protocol},
                 "training": {
                     "steps": args.steps,
                     "batch_size": args.batch_size,
@@ -257,12 +263,13 @@ def _watch(
     workdir: Path,
     timeout: float,
     broker: tuple[str, int],
+    protocol: str,
 ) -> int:
     """Show the fleet live (from the broker) until the aggregator exits, an agent fails or
     ``timeout`` passes; returns the demo's exit code."""
     from fedfstq.demo_watch import Run, watch
 
-    run = Run(procs, metrics, workdir / "logs", *broker)
+    run = Run(procs, metrics, workdir / "logs", *broker, protocol=protocol)
     return watch(run, timeout, sys.stdout)
 
 
@@ -302,7 +309,7 @@ def main(args: argparse.Namespace) -> int:
     # What can be refused is checked before anything is deleted or loaded; the errors reach
     # fedfstq.cli, which prints them as one line with their exit code.
     languages = check_languages(args.languages)
-    remote = remote_broker(args.broker) if args.broker else None
+    remote = remote_broker(args.broker, args.mqtt_protocol) if args.broker else None
     workdir = claim_workdir(args.workdir, overwrite=args.overwrite)
     (workdir / "logs").mkdir()
     print(f"fedfstq demo: {args.clients} agents, {args.rounds} rounds, method {args.method}")
@@ -331,7 +338,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"\nthe fleet as the broker shows it (what `fedfstq status --watch "
           f"--broker mqtt://{host}:{port} --fleet demo` shows):")  # fmt: skip
     try:
-        code = _watch(procs, metrics, workdir, args.timeout, (host, port))
+        code = _watch(procs, metrics, workdir, args.timeout, (host, port), args.mqtt_protocol)
     except KeyboardInterrupt:
         code = 130
     finally:

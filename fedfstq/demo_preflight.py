@@ -32,7 +32,7 @@ def check_languages(text: str) -> list[str]:
     return wanted
 
 
-def remote_broker(url: str, timeout: float = 10.0) -> tuple[str, int]:
+def remote_broker(url: str, protocol: str, timeout: float = 10.0) -> tuple[str, int]:
     """Host and port of ``--broker mqtt://host:port``, once a client has connected to it.
 
     The demo's services connect without TLS or a password, so the check connects the same way
@@ -41,7 +41,7 @@ def remote_broker(url: str, timeout: float = 10.0) -> tuple[str, int]:
     """
     from fedfstq.observer import connect, target
 
-    where = target(broker=url, config=None, fleet="demo")
+    where = target(broker=url, config=None, fleet="demo", protocol=protocol)
     host, port = where.mqtt.host, where.mqtt.port
     if where.mqtt.tls is not None:
         raise CliError(

@@ -37,6 +37,7 @@ class Run:
     host: str
     port: int
     fleet: str = "demo"
+    protocol: str = "5"  # the MQTT version the demo's services speak (--mqtt-protocol)
     records: list[RoundResult] = field(default_factory=list)
 
     def outcome(self) -> int | None:
@@ -50,7 +51,9 @@ class Run:
 def watch(run: Run, timeout: float, stream: TextIO) -> int:
     """Follow the run until the aggregator exits (or an agent dies, or ``timeout``); an
     :class:`~fedfstq.observer.ObserverError` if the broker cannot be watched."""
-    where = target(broker=f"mqtt://{run.host}:{run.port}", config=None, fleet=run.fleet)
+    where = target(
+        broker=f"mqtt://{run.host}:{run.port}", config=None, fleet=run.fleet, protocol=run.protocol
+    )
     client = connect(where, timeout=10.0)
     mode: Mode = "live" if stream.isatty() else "lines"
     view = FleetView(run.fleet)

@@ -51,6 +51,8 @@ _CONNECTION_KEYS = (
     "tls",
     "keepalive_s",
     "connect_timeout_s",
+    "protocol",
+    "failover",
 )
 
 
@@ -89,6 +91,7 @@ def target(
     username: str | None = None,
     password_file: Path | None = None,
     client_id: str | None = None,
+    protocol: str | None = None,
 ) -> ObserverTarget:
     """Where to connect; raises :class:`ConfigError` with a one-line reason."""
     data = read_toml(config)
@@ -110,6 +113,8 @@ def target(
             conn.setdefault("tls", {})
         else:
             conn.pop("tls", None)
+    if protocol is not None:
+        conn["protocol"] = protocol
     if username is not None:
         conn["username"] = username
         conn.pop("password", None)

@@ -32,6 +32,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fleet", default=None, help="fleet id (default: the --config file's)")
     p.add_argument("--username", default=None, help="observer account on the broker")
     p.add_argument("--password-file", type=Path, default=None, help="its password")
+    p.add_argument(
+        "--mqtt-protocol",
+        choices=("5", "3.1.1"),
+        default=None,
+        help="MQTT version to speak (default: the --config file's, else 5)",
+    )
     p.add_argument("--watch", action="store_true", help="keep following the fleet (Ctrl-C)")
     p.add_argument("--json", action="store_true", help="one JSON document (per change: --watch)")
     p.add_argument(
@@ -60,7 +66,7 @@ def main(args: argparse.Namespace) -> int:
     broker = args.broker if args.broker or args.config else "mqtt://127.0.0.1:1883"
     where = target(
         broker=broker, config=args.config, fleet=args.fleet, username=args.username,
-        password_file=args.password_file,
+        password_file=args.password_file, protocol=args.mqtt_protocol,
     )  # fmt: skip
     # The one-line error of a failed connection says it all; what the client and paho log about
     # each attempt (refusals, resets, reconnects) would repeat it.

@@ -26,13 +26,17 @@ STAGES = (
 )
 
 
-def test_the_demo_shows_each_device_at_work_and_ends_with_bytes_both_ways(tmp_path: Path) -> None:
-    # Act
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_the_demo_shows_each_device_at_work_and_ends_with_bytes_both_ways(
+    tmp_path: Path, protocol: str
+) -> None:
+    # Act: every service and the live view speak ``protocol`` to the private Mosquitto
     workdir = tmp_path / "demo"
     done = subprocess.run(
         [sys.executable, "-m", "fedfstq.cli", "demo", "--model", "tiny", "--clients", "2",
          "--rounds", "2", "--steps", "2", "--examples-per-client", "12", "--eval-examples", "6",
-         "--workdir", str(workdir), "--json", str(tmp_path / "rounds.json")],
+         "--workdir", str(workdir), "--json", str(tmp_path / "rounds.json"),
+         "--mqtt-protocol", protocol],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     # Assert

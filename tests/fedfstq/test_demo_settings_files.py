@@ -22,7 +22,9 @@ def test_write_toml_leaves_unset_values_out(tmp_path: Path) -> None:
     }  # fmt: skip
 
 
-@pytest.mark.parametrize("extra", [[], ["--budget-bytes", "4096", "--method", "topk"]])
+@pytest.mark.parametrize(
+    "extra", [[], ["--budget-bytes", "4096", "--method", "topk"], ["--mqtt-protocol", "3.1.1"]]
+)
 def test_the_demo_configs_validate_as_the_services_settings(
     tmp_path: Path, extra: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -35,8 +37,11 @@ def test_the_demo_configs_validate_as_the_services_settings(
 
     agents = [AgentSettings(**tomllib.loads(cfg.read_text())) for cfg in agent_cfgs]
     assert [a.client_id for a in agents] == ["device-0", "device-1"]
-    assert {a.compression.budget_bytes for a in agents} == ({4096} if extra else {None})
+    assert {a.compression.budget_bytes for a in agents} == ({4096} if "topk" in extra else {None})
+    protocol = "3.1.1" if "3.1.1" in extra else "5"
+    assert {a.mqtt.protocol for a in agents} == {protocol}
     from aggregator.settings import AggregatorSettings  # torch (LoraSpec): only this test
 
     agg = AggregatorSettings(**tomllib.loads(agg_cfg.read_text()))
     assert (agg.fleet, agg.mqtt.port, agg.rounds.max_rounds) == ("demo", 1883, 3)
+    assert agg.mqtt.protocol == protocol
