@@ -14,11 +14,23 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from types import TracebackType
+from typing import Self
 
-__all__ = ["BrokerError", "NodeProcess", "find_binary", "free_port", "port_open", "wait_until"]
+__all__ = [
+    "BrokerError",
+    "LocalService",
+    "NodeProcess",
+    "find_binary",
+    "free_port",
+    "port_open",
+    "wait_until",
+]
 
 
 class BrokerError(RuntimeError):
@@ -59,6 +71,31 @@ def find_binary(name: str, install_hint: str, dirs: Sequence[str] = ("/usr/sbin"
             return candidate
     looked = ", ".join(("PATH", *dirs))
     raise BrokerError(f"{name} not found (looked in {looked}); install it with `{install_hint}`")
+
+
+class LocalService(ABC):
+    """A private broker (or cluster) in a work dir: a context manager that stops it on exit and
+    removes a work dir it made itself, unless the block failed (its logs are kept then)."""
+
+    def __init__(self, workdir: Path | None, prefix: str) -> None:
+        self._own_workdir = workdir is None
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix=prefix))
+
+    @abstractmethod
+    def start(self) -> Self: ...
+
+    @abstractmethod
+    def stop(self) -> object: ...
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+        if self._own_workdir and et is None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 class NodeProcess:

@@ -17,16 +17,14 @@ crash. The clustered brokers have their own launchers (:mod:`broker.local_ejabbe
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Self
 
 from broker._local_process import (
     BrokerError,
+    LocalService,
     NodeProcess,
     find_binary,
     free_port,
@@ -101,7 +99,7 @@ def render_config(
     return "\n".join(out) + "\n"
 
 
-class LocalBroker:
+class LocalBroker(LocalService):
     """A Mosquitto process owned by this object (one workdir, one port)."""
 
     host = "127.0.0.1"
@@ -125,8 +123,7 @@ class LocalBroker:
         self.template = (
             named[config] if isinstance(config, str) and config in named else Path(config)
         )
-        self._own_workdir = workdir is None
-        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="fstq-mosquitto-"))
+        super().__init__(workdir, "fstq-mosquitto-")
         self.port = port or 0
         self._fixed_port = port is not None
         self.persistence = persistence
@@ -144,16 +141,6 @@ class LocalBroker:
         self._proc = NodeProcess([self.binary, "-c", str(self.conf_path)], self.output_path)
 
     # -- lifecycle ---------------------------------------------------------------------------
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
-        if self._own_workdir and et is None:
-            shutil.rmtree(self.workdir, ignore_errors=True)
 
     @property
     def pid(self) -> int | None:

@@ -10,19 +10,22 @@ Fault tests and the broker benchmark use the node operations: :meth:`LocalCluste
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from pathlib import Path
-from types import TracebackType
 from typing import Self
 
-from broker._local_process import BrokerError, NodeProcess, port_open, wait_until
+from broker._local_process import (
+    BrokerError,
+    LocalService,
+    NodeProcess,
+    port_open,
+    wait_until,
+)
 
 __all__ = ["LocalCluster"]
 
 
-class LocalCluster(ABC):
+class LocalCluster(LocalService):
     """Broker nodes owned by this object; every node's MQTT listener is on ``host``."""
 
     host = "127.0.0.1"
@@ -32,8 +35,7 @@ class LocalCluster(ABC):
     def __init__(self, nodes: int, workdir: Path | None, start_timeout_s: float) -> None:
         if nodes < 1:
             raise ValueError("a cluster has at least one node")
-        self._own_workdir = workdir is None
-        self.workdir = Path(workdir or tempfile.mkdtemp(prefix=f"fstq-{self.kind}-"))
+        super().__init__(workdir, f"fstq-{self.kind}-")
         self.start_timeout_s = start_timeout_s
         self.mqtt_ports: list[int] = []
         self.nodes: list[NodeProcess] = []
@@ -54,16 +56,6 @@ class LocalCluster(ABC):
         return [n.pid for n in self.nodes]
 
     # -- lifecycle ---------------------------------------------------------------------------
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
-        if self._own_workdir and et is None:
-            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def start(self) -> Self:
         """Start every node and form the cluster; BrokerError with the logs if it fails."""
