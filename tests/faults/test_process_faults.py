@@ -422,7 +422,9 @@ def test_broker_restart_mid_round_delivers_the_persisted_queue(
         device = {
             "compression": DENSE,
             "ack_settle_s": 2.0,
-            "training": {**LONG_TRAINING, "steps": 6},
+            # 24 steps: a wide window, so the pause lands before any upload (devices derive v0
+            # and start training at once; 6 steps raced the pause in one CI run).
+            "training": LONG_TRAINING,
         }
         fleet = rig.start([device, device], chunk_size=CHUNK)
         agg = fleet.aggregator
